@@ -1,0 +1,68 @@
+"""Publish an artifact to the Prefect UI: a table (metrics + lineage) and a markdown page (config + inputs).
+
+Called by the flows only; stages stay free of Prefect. Keys follow Prefect's rule
+`^[a-z0-9-]*$`: the table is `muse-<kind>`, the page `muse-<kind>-config`.
+Images (sample grids) are embedded in the page as data URIs, so they render in
+the UI without the store being reachable from the browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from .store import Artifact, ArtifactStore
+
+# Stage-written previews: PNG files under this folder of an artifact are shown on its page.
+PREVIEW_DIR = "previews"
+_MAX_PREVIEW_BYTES = 2_000_000
+
+
+def _scalar(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def table_rows(artifact: Artifact, store: ArtifactStore) -> list[dict[str, str]]:
+    """Metrics, then identity, then lineage, as field/value rows."""
+    m = artifact.manifest
+    rows = [{"field": f"metric: {k}", "value": _scalar(v)} for k, v in sorted(m.metrics.items())]
+    rows += [
+        {"field": "artifact", "value": m.label},
+        {"field": "path", "value": str(artifact.path)},
+        {"field": "stage", "value": f"{m.stage} (code {m.code_version})"},
+        {"field": "files", "value": f"{len(m.files)} files, {sum(f.size for f in m.files):,} bytes"},
+    ]
+    rows += [{"field": "lineage", "value": line} for line in store.lineage(artifact)[1:]]
+    return rows
+
+
+def markdown_page(artifact: Artifact, up_to_date: bool) -> str:
+    """Config, inputs and previews of an artifact as markdown."""
+    m = artifact.manifest
+    status = "up to date: reused" if up_to_date else "written by this run"
+    parts = [f"# {m.label}", f"{status}; stage `{m.stage}`; created {m.created:%Y-%m-%d %H:%M:%S} UTC", "## Inputs"]
+    parts += [f"- `{kind}:{version}`" for kind, version in sorted(m.inputs.items())] or ["- (none)"]
+    previews = sorted((artifact.path / PREVIEW_DIR).glob("*.png")) if (artifact.path / PREVIEW_DIR).is_dir() else []
+    for png in previews:
+        data = png.read_bytes()
+        if len(data) <= _MAX_PREVIEW_BYTES:
+            parts += [f"## {png.stem}", f"![{png.stem}](data:image/png;base64,{base64.b64encode(data).decode()})"]
+        else:
+            parts += [f"## {png.stem}", f"`{png}` ({len(data):,} bytes, too large to embed)"]
+    parts += ["## Config", "```json", json.dumps(m.config, indent=2), "```"]
+    return "\n\n".join(parts)
+
+
+def publish(artifact: Artifact, store: ArtifactStore, up_to_date: bool = False) -> None:
+    """Create the table and markdown Prefect artifacts for one store artifact."""
+    key = f"muse-{artifact.kind}"
+    create_table_artifact(
+        key=key,
+        table=table_rows(artifact, store),
+        description=f"{artifact.manifest.label}" + (" (up to date)" if up_to_date else ""),
+    )
+    create_markdown_artifact(
+        key=f"{key}-config", markdown=markdown_page(artifact, up_to_date), description=artifact.manifest.label
+    )

@@ -1,0 +1,310 @@
+"""The versioned artifact store: `STORE/KIND/VERSION/` directories with a manifest.
+
+Layout under the root:
+    KIND/VERSION/manifest.json + files   a committed artifact (never modified in place)
+    KIND/latest                          text file: the version `latest` resolves to
+    .tmp/                                artifacts being written; renamed into place on commit
+    .work/KIND/VERSION/                  scratch and checkpoints of resumable stages
+
+Commit is atomic: files are written under `.tmp/`, hashed, fsynced, then the
+directory is renamed into place and only then does `latest` move. A stage that
+raises leaves nothing behind that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import ValidationError
+
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, content_version, sha256_file
+
+_VERSION_RE = re.compile(r"^[0-9a-f]{6,64}$")
+_KIND_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+class ArtifactError(RuntimeError):
+    """A store problem a user can act on; the message says what and where."""
+
+
+class MissingArtifact(ArtifactError):
+    """The asked-for artifact is not in the store."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A committed artifact: its directory and its manifest."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def ref(self) -> str:
+        return self.manifest.ref
+
+    def file(self, name: str) -> Path:
+        """Path of one of the artifact's files; an error naming the artifact when absent."""
+        p = self.path / name
+        if not p.exists():
+            raise ArtifactError(f"{self.ref}: has no file {name!r}")
+        return p
+
+
+@dataclass
+class ArtifactWriter:
+    """An artifact being written: put files under `path`, fill `metrics` and `details`."""
+
+    kind: str
+    version: str
+    path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    artifact: Artifact | None = None  # set once committed
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One verification failure."""
+
+    ref: str
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.ref}: {self.path}: {self.reason}"
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under root so a rename publishes durable bytes."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _list_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+
+
+class ArtifactStore:
+    """A local artifact store rooted at a directory (created on first write)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+
+    # ------------------------------------------------------------------ reading
+
+    def kinds(self) -> list[str]:
+        """Kinds that have at least one committed artifact."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _KIND_RE.match(p.name) and self.list(p.name))
+
+    def _load(self, kind: str, version: str) -> Artifact:
+        path = self.root / kind / version
+        mpath = path / MANIFEST_NAME
+        try:
+            manifest = Manifest.model_validate_json(mpath.read_text())
+        except FileNotFoundError:
+            raise MissingArtifact(f"no artifact {kind}:{version} in {self.root}") from None
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            raise ArtifactError(f"{mpath}: invalid manifest field {loc}: {first['msg']}") from None
+        return Artifact(path, manifest)
+
+    def list(self, kind: str | None = None) -> list[Artifact]:
+        """Committed artifacts of one kind (or all), oldest first."""
+        kinds = [kind] if kind else self.kinds()
+        out = []
+        for k in kinds:
+            kdir = self.root / k
+            if not kdir.is_dir():
+                continue
+            for vdir in kdir.iterdir():
+                if vdir.is_dir() and _VERSION_RE.match(vdir.name) and (vdir / MANIFEST_NAME).is_file():
+                    out.append(self._load(k, vdir.name))
+        return sorted(out, key=lambda a: (a.kind, a.manifest.seq))
+
+    def has(self, kind: str, version: str) -> bool:
+        return (self.root / kind / version / MANIFEST_NAME).is_file()
+
+    def latest_version(self, kind: str) -> str | None:
+        pointer = self.root / kind / "latest"
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    def get(self, kind: str, version: str | None = None) -> Artifact:
+        """An artifact by kind and version, `vN` sequence number, or `latest` (the default)."""
+        if version in (None, "", "latest"):
+            latest = self.latest_version(kind)
+            if latest is None:
+                raise MissingArtifact(f"no {kind!r} artifact in {self.root}")
+            version = latest
+        if re.fullmatch(r"v\d+", version):
+            for a in self.list(kind):
+                if a.manifest.seq == int(version[1:]):
+                    return a
+            raise MissingArtifact(f"no {kind} {version} in {self.root}")
+        matches = [a for a in self.list(kind) if a.version.startswith(version)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise MissingArtifact(f"no artifact {kind}:{version} in {self.root}")
+        raise ArtifactError(f"{kind}:{version} is ambiguous: {', '.join(a.version for a in matches)}")
+
+    def resolve(self, ref: str) -> Artifact:
+        """`KIND`, `KIND:VERSION`, `KIND:vN` or `KIND:latest` -> Artifact."""
+        kind, _, version = ref.partition(":")
+        return self.get(kind, version or None)
+
+    def lineage(self, artifact: Artifact, depth: int = 0) -> list[str]:
+        """Indented lines: the artifact, then its inputs recursively."""
+        lines = [f"{'  ' * depth}{artifact.manifest.label}  [{artifact.manifest.stage}]"]
+        for kind, version in sorted(artifact.manifest.inputs.items()):
+            try:
+                lines += self.lineage(self.get(kind, version), depth + 1)
+            except MissingArtifact:
+                lines.append(f"{'  ' * (depth + 1)}{kind}:{version}  (missing from store)")
+        return lines
+
+    def verify(self, kind: str | None = None) -> tuple[int, list[Problem]]:
+        """Re-hash every file of every artifact; returns (files checked, problems)."""
+        checked, problems = 0, []
+        for art in self.list(kind):
+            listed = {f.path: f for f in art.manifest.files}
+            present = {p.relative_to(art.path).as_posix() for p in _list_files(art.path)}
+            for rel in sorted(present - set(listed)):
+                problems.append(Problem(art.ref, rel, "file not in manifest"))
+            for rel, entry in sorted(listed.items()):
+                checked += 1
+                p = art.path / rel
+                if rel not in present:
+                    problems.append(Problem(art.ref, rel, "missing"))
+                elif p.stat().st_size != entry.size:
+                    problems.append(Problem(art.ref, rel, f"size {p.stat().st_size} != {entry.size}"))
+                elif sha256_file(p) != entry.sha256:
+                    problems.append(Problem(art.ref, rel, "sha256 mismatch"))
+        return checked, problems
+
+    # ------------------------------------------------------------------ writing
+
+    @staticmethod
+    def version_of(stage: str, config: Any, inputs: dict[str, str], code_version: str) -> str:
+        """The version a stage run with these facts produces (see `content_version`)."""
+        return content_version(stage, config, inputs, code_version)
+
+    def work_dir(self, kind: str, version: str) -> Path:
+        """Scratch/checkpoint directory of a resumable stage; survives crashes, not commits of `force`."""
+        path = self.root / ".work" / kind / version
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def clear_work(self, kind: str, version: str) -> None:
+        shutil.rmtree(self.root / ".work" / kind / version, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def create(
+        self,
+        kind: str,
+        *,
+        stage: str,
+        config: Any,
+        inputs: dict[str, str],
+        code_version: str,
+        replace: bool = False,
+    ) -> Iterator[ArtifactWriter]:
+        """Write a new artifact: yields a writer whose `path` is a private temp dir.
+
+        On normal exit the files are hashed, the manifest written, everything
+        fsynced and the directory renamed to `KIND/VERSION`; then `latest` moves.
+        On an exception the temp dir is removed and nothing else changes.
+        With `replace`, an existing artifact of that version is swapped out.
+        """
+        if not _KIND_RE.match(kind):
+            raise ArtifactError(f"invalid artifact kind {kind!r}: use lowercase letters, digits and '-'")
+        version = self.version_of(stage, config, inputs, code_version)
+        tmp = self.root / ".tmp" / f"{kind}-{version}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        writer = ArtifactWriter(kind=kind, version=version, path=tmp)
+        try:
+            yield writer
+            files = [
+                FileEntry(path=p.relative_to(tmp).as_posix(), size=p.stat().st_size, sha256=sha256_file(p))
+                for p in _list_files(tmp)
+            ]
+            with self._lock():
+                target = self.root / kind / version
+                if target.exists() and not replace:
+                    writer.artifact = self._load(kind, version)  # someone committed the same content first
+                    return
+                seq = max((a.manifest.seq for a in self.list(kind)), default=0) + 1
+                manifest = Manifest(
+                    kind=kind, version=version, seq=seq, stage=stage, config=config, inputs=inputs,
+                    code_version=code_version, metrics=writer.metrics, details=writer.details, files=files,
+                )
+                (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
+                _fsync_tree(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.exists():
+                    old = self.root / ".tmp" / f"replaced-{kind}-{version}-{uuid.uuid4().hex[:8]}"
+                    os.rename(target, old)
+                    os.rename(tmp, target)
+                    shutil.rmtree(old)
+                else:
+                    os.rename(tmp, target)
+                self._set_latest(kind, version)
+                writer.artifact = Artifact(target, manifest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _set_latest(self, kind: str, version: str) -> None:
+        pointer = self.root / kind / "latest"
+        tmp = pointer.with_name(f".latest-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(version + "\n")
+        os.replace(tmp, pointer)
+
+    def set_latest(self, kind: str, version: str) -> None:
+        """Point `latest` at an existing version (a skipped, up-to-date run does this too)."""
+        if not self.has(kind, version):
+            raise MissingArtifact(f"no artifact {kind}:{version} in {self.root}")
+        with self._lock():
+            self._set_latest(kind, version)
+
+
+def default_root(store: str | os.PathLike | None = None) -> Path:
+    """The store root: the explicit argument, else env MUSE_STORE, else ./store."""
+    return Path(store or os.environ.get("MUSE_STORE") or "store").expanduser().resolve()

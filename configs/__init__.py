@@ -1,0 +1,1 @@
+"""Config presets (YAML), loaded by muse.config; shipped as package data."""

@@ -1,0 +1,1 @@
+"""Data formats: ingest sources, webdataset shards, token parquet, the demo dataset."""

@@ -1,0 +1,59 @@
+"""The DAG: which stage produces which artifact kinds, and in what order stages run.
+
+Edges are derived from the stage modules' INPUTS and OUTPUTS, so adding a stage
+means adding its module to `STAGES`; nothing else lists dependencies.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from muse.stages import (
+    evaluate,
+    finetune_decoder,
+    segment,
+    shard,
+    tokenize,
+    train_base,
+    train_superres,
+    train_vqgan,
+)
+
+FULL_TRAIN = "full-train"
+
+# Topological order: every stage comes after the producers of its inputs.
+STAGES: dict[str, ModuleType] = {
+    m.NAME: m
+    for m in (shard, segment, train_vqgan, tokenize, train_base, train_superres, finetune_decoder, evaluate)
+}
+
+PRODUCER: dict[str, str] = {kind: name for name, m in STAGES.items() for kind in m.OUTPUTS}
+
+TARGETS: tuple[str, ...] = (FULL_TRAIN, *STAGES)
+
+
+def upstream_stages(name: str) -> list[str]:
+    """Stages whose outputs `name` reads directly."""
+    return sorted({PRODUCER[kind] for kind in STAGES[name].INPUTS}, key=list(STAGES).index)
+
+
+def stages_for(target: str) -> list[str]:
+    """Stages a target runs, in topological order: all of them, or the one named."""
+    if target == FULL_TRAIN:
+        return list(STAGES)
+    if target not in STAGES:
+        raise ValueError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    return [target]
+
+
+def _check() -> None:
+    order = list(STAGES)
+    for name, m in STAGES.items():
+        for kind in m.INPUTS:
+            if kind not in PRODUCER:
+                raise RuntimeError(f"stage {name} reads {kind!r}, which no stage produces")
+            if order.index(PRODUCER[kind]) >= order.index(name):
+                raise RuntimeError(f"stage {name} is listed before {PRODUCER[kind]}, which it depends on")
+
+
+_check()

@@ -1,0 +1,126 @@
+"""The `muse` flow: runs the DAG (or one stage of it) as Prefect tasks over the artifact store.
+
+Each stage is a task that resolves its input artifacts, derives the version its
+outputs would have, and either reuses them ("up to date") or calls the stage's
+`run`. Tasks pass only `{kind: version}` references; data stays in the store.
+Stages with no path between them (train-base, train-superres, finetune-decoder)
+are submitted together and run concurrently.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from muse.artifacts.publish import publish
+from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact, default_root
+from muse.config import PipelineConfig, load_config
+
+from .dag import FULL_TRAIN, PRODUCER, STAGES, TARGETS, stages_for, upstream_stages
+
+
+class MissingInput(RuntimeError):
+    """A stage's input artifact is not in the store; the message names the stage to run first."""
+
+
+def resolve_inputs(
+    name: str, store: ArtifactStore, produced: dict[str, str], pinned: dict[str, str]
+) -> dict[str, Artifact]:
+    """Input artifacts of a stage: produced by this run, pinned by the caller, or `latest`."""
+    inputs = {}
+    for kind in STAGES[name].INPUTS:
+        version = produced.get(kind) or pinned.get(kind)
+        try:
+            inputs[kind] = store.get(kind, version)
+        except MissingArtifact:
+            what = f"{kind}:{version}" if version else f"a '{kind}' artifact"
+            raise MissingInput(
+                f"stage '{name}' needs {what}, which is not in the store {store.root}: "
+                f"run `muse run {PRODUCER[kind]}` first (or `muse run {FULL_TRAIN}`)"
+            ) from None
+    return inputs
+
+
+@task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE)
+def run_stage(
+    name: str,
+    config: PipelineConfig,
+    store_root: str,
+    upstream: list[dict[str, str]],
+    pinned: dict[str, str],
+    force: bool,
+) -> dict[str, str]:
+    """Run one stage unless its outputs already exist; returns {kind: version} of its outputs."""
+    logger = get_run_logger()
+    stage = STAGES[name]
+    store = ArtifactStore(store_root)
+    produced = {k: v for refs in upstream for k, v in refs.items()}
+    inputs = resolve_inputs(name, store, produced, pinned)
+    input_versions = {kind: a.version for kind, a in inputs.items()}
+    version = store.version_of(name, stage.config_of(config), input_versions, stage.CODE_VERSION)
+
+    if not force and all(store.has(kind, version) for kind in stage.OUTPUTS):
+        outputs = [store.get(kind, version) for kind in stage.OUTPUTS]
+        for a in outputs:
+            store.set_latest(a.kind, a.version)
+            logger.info("%s: up to date, reusing %s", name, a.manifest.label)
+            publish(a, store, up_to_date=True)
+        return {a.kind: a.version for a in outputs}
+
+    if force:
+        for kind in stage.OUTPUTS:
+            store.clear_work(kind, version)
+    logger.info("%s: producing %s at version %s from %s", name, ", ".join(stage.OUTPUTS), version,
+                ", ".join(f"{k}:{v}" for k, v in input_versions.items()) or "no inputs")
+    result = stage.run(config, inputs, store)
+    outputs = [result] if isinstance(result, Artifact) else list(result)
+    kinds = sorted(a.kind for a in outputs)
+    if kinds != sorted(stage.OUTPUTS):
+        raise RuntimeError(f"stage {name} returned {kinds}, expected {sorted(stage.OUTPUTS)}")
+    for a in outputs:
+        logger.info("%s: wrote %s (%d files) with metrics %s", name, a.manifest.label, len(a.manifest.files),
+                    a.manifest.metrics)
+        publish(a, store)
+    return {a.kind: a.version for a in outputs}
+
+
+@flow(name="muse", log_prints=True)
+def muse(
+    target: str = FULL_TRAIN,
+    preset: str = "tiny",
+    overrides: list[str] | None = None,
+    config_file: str | None = None,
+    source: str | None = None,
+    force: list[str] | None = None,
+    store: str | None = None,
+    inputs: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Run `target` (a stage name or full-train) over the artifact store; returns {kind: version}.
+
+    overrides: `section.key=value` strings; source: the shard stage's data source;
+    force: stages to rerun even when up to date; inputs: pinned versions {kind: version}
+    for artifacts this run does not produce (default: latest).
+    """
+    force = list(force or [])
+    for name in force:
+        if name not in STAGES:
+            raise ValueError(f"--force {name!r}: unknown stage; choose from {', '.join(STAGES)}")
+    names = stages_for(target)
+    config = load_config(preset, config_file, overrides or [])
+    if source is not None:
+        config.shard.source = source
+    root = str(default_root(store))
+    get_run_logger().info("target %s: stages %s; store %s", target, ", ".join(names), root)
+
+    futures = {}
+    for name in names:
+        upstream = [futures[u] for u in upstream_stages(name) if u in futures]
+        futures[name] = run_stage.submit(name, config, root, upstream, dict(inputs or {}), name in force)
+    # result() re-raises the first failing stage's own exception, in DAG order.
+    produced: dict[str, str] = {}
+    for name in names:
+        produced.update(futures[name].result())
+    return produced
+
+
+__all__ = ["muse", "MissingInput", "TARGETS"]

@@ -1,0 +1,8 @@
+"""muse-pipeline: train Muse-style masked text-to-image transformers, end to end.
+
+Import map: `muse.config` (presets and pydantic models), `muse.artifacts` (the
+versioned store), `muse.datasets` (data formats, demo data), `muse.stages`
+(one module per pipeline stage), `muse.flows` (the Prefect DAG), `muse.cli`.
+"""
+
+__version__ = "0.1.0"

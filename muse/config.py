@@ -1,0 +1,299 @@
+"""Pipeline configuration: one pydantic model per stage, held by `PipelineConfig`.
+
+A resolved config is built from a YAML preset (`configs/NAME.yaml`), an optional
+user YAML file merged over it, and `section.key=value` overrides applied last.
+Every knob lives in exactly one model below, with its docstring beside it; code
+reads attributes, never dict lookups with defaults. Unknown keys and wrong types
+are errors that name the key path, raised before anything runs.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file or key path."""
+
+
+class Section(BaseModel):
+    """Base of every config model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class DemoConfig(Section):
+    """The procedurally generated demo dataset (the default source)."""
+
+    num_samples: int = Field(512, ge=1, description="Images generated.")
+    image_size: int = Field(128, ge=16, description="Side of the square demo images, in pixels.")
+    seed: int = Field(0, description="Seed: the same seed gives byte-identical images and captions.")
+
+
+class ShardConfig(Section):
+    """Stage `shard`: ingest image-caption data into webdataset tars."""
+
+    source: str | None = Field(None, description="Folder, metadata file, tar path/brace pattern; None = demo.")
+    source_kind: Literal["auto", "folder", "metadata", "webdataset", "demo"] = Field(
+        "auto", description="How to read `source`; auto-detected from its path when 'auto'."
+    )
+    image_column: str = Field("file_name", description="Metadata column holding the image path.")
+    caption_column: str = Field("text", description="Metadata column holding the caption.")
+    min_side: int = Field(32, ge=1, description="Images whose shorter side is below this are rejected.")
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="Images with more pixels are rejected (PIL's decompression-bomb limit)."
+    )
+    image_format: Literal["jpg", "png"] = Field("jpg", description="Encoding of the stored images.")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality when image_format is jpg.")
+    samples_per_shard: int = Field(1000, ge=1, description="Samples per tar file.")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of keys hashed into the val split.")
+    dedupe: bool = Field(True, description="Drop samples whose original bytes repeat an earlier sample's.")
+    workers: int = Field(2, ge=1, description="Decode/resize processes.")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class VQModelConfig(Section):
+    """Geometry and codebook of one VQGAN tokenizer."""
+
+    resolution: int = Field(..., ge=8, description="Input image side in pixels.")
+    ch: int = Field(64, ge=8, description="Base channel width of encoder and decoder.")
+    ch_mult: tuple[int, ...] = Field((1, 2, 2), description="Channel multiplier per level; levels-1 downsamplings.")
+    num_res_blocks: int = Field(1, ge=1, description="ResBlocks per level.")
+    attn_resolutions: tuple[int, ...] = Field((), description="Feature-map sides that get self-attention.")
+    codebook_size: int = Field(512, ge=2, le=65536, description="Number of codes (token ids fit uint16).")
+    code_dim: int = Field(32, ge=1, description="Dimension of the (low-dim) codes.")
+
+    @property
+    def downsample(self) -> int:
+        """Spatial reduction factor f: 2 per level after the first."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def token_side(self) -> int:
+        """Side of the token grid this tokenizer produces."""
+        return self.resolution // self.downsample
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "VQModelConfig":
+        if self.resolution % self.downsample:
+            raise ValueError(
+                f"resolution {self.resolution} is not divisible by the downsampling factor {self.downsample}"
+            )
+        return self
+
+
+class TrainConfig(Section):
+    """The shared training loop's knobs."""
+
+    steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Samples per optimizer step (before accumulation).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints in .work/.")
+    seed: int = Field(0, description="Seed for weights, data order and masking.")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class SegmentConfig(Section):
+    """Stage `segment`: Make-A-Scene scene maps."""
+
+    segmenters: list[Literal["masks", "panoptic", "human", "face"]] = Field(
+        ["masks"], description="Segmenters to run and merge; 'masks' reads a dataset's ground truth."
+    )
+    batch_size: int = Field(16, ge=1, description="Images per segmenter call.")
+    max_failed_fraction: float = Field(0.01, ge=0, le=1, description="Fail the stage above this failure rate.")
+
+
+class TrainVQGANConfig(Section):
+    """Stage `train-vqgan`: low-res (f16) and high-res (f8) image tokenizers and the scene tokenizer."""
+
+    low: VQModelConfig = Field(..., description="Tokenizer for the base transformer's resolution.")
+    high: VQModelConfig = Field(..., description="Tokenizer for the super-res transformer's resolution.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+
+
+class TokenizeConfig(Section):
+    """Stage `tokenize`: precompute tokens and text embeddings into parquet."""
+
+    text_encoder: Literal["minilm", "clip", "t5"] = Field("minilm", description="Text encoder family.")
+    precompute_text: bool = Field(True, description="Store text embeddings in the parquet rows.")
+    batch_size: int = Field(64, ge=1, description="Images per encoder call.")
+    row_group_size: int = Field(4096, ge=1, description="Rows per parquet row group.")
+
+
+class TransformerConfig(Section):
+    """Width and depth of a masked transformer."""
+
+    dim: int = Field(256, ge=8, description="Hidden size.")
+    depth: int = Field(4, ge=1, description="Transformer blocks.")
+    heads: int = Field(4, ge=1, description="Attention heads.")
+
+
+class TrainBaseConfig(Section):
+    """Stage `train-base`: the text-conditioned masked transformer on low-res tokens."""
+
+    model: TransformerConfig = Field(default_factory=TransformerConfig, description="Architecture.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    text_drop_rate: float = Field(0.1, ge=0, le=1, description="Fraction of samples trained without text (CFG).")
+
+
+class TrainSuperResConfig(Section):
+    """Stage `train-superres`: high-res tokens conditioned on low-res tokens and text."""
+
+    model: TransformerConfig = Field(default_factory=TransformerConfig, description="Architecture.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    text_drop_rate: float = Field(0.1, ge=0, le=1, description="Fraction of samples trained without text (CFG).")
+
+
+class FinetuneDecoderConfig(Section):
+    """Stage `finetune-decoder`: a larger decoder for the frozen high-res tokenizer."""
+
+    extra_res_blocks: int = Field(1, ge=0, description="ResBlocks added per decoder level.")
+    channel_mult: float = Field(1.5, ge=1.0, description="Decoder width relative to the original.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+
+
+class EvaluateConfig(Section):
+    """Stage `evaluate`: samples and metrics over every trained artifact."""
+
+    num_prompts: int = Field(64, ge=1, description="Val captions to generate images for.")
+    steps: int = Field(24, ge=1, description="Base sampling steps.")
+    superres_steps: int = Field(8, ge=1, description="Super-res sampling steps.")
+    guidance_scale: float = Field(3.0, ge=0, description="Final classifier-free guidance scale.")
+
+
+class PipelineConfig(Section):
+    """Everything a pipeline run needs, one section per stage."""
+
+    preset: str = Field("custom", description="Name of the preset this config started from (informational).")
+    demo: DemoConfig = Field(default_factory=DemoConfig, description="Demo dataset.")
+    shard: ShardConfig = Field(default_factory=ShardConfig, description="Stage shard.")
+    segment: SegmentConfig = Field(default_factory=SegmentConfig, description="Stage segment.")
+    train_vqgan: TrainVQGANConfig = Field(..., description="Stage train-vqgan.")
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Stage tokenize.")
+    train_base: TrainBaseConfig = Field(default_factory=TrainBaseConfig, description="Stage train-base.")
+    train_superres: TrainSuperResConfig = Field(default_factory=TrainSuperResConfig, description="Stage train-superres.")
+    finetune_decoder: FinetuneDecoderConfig = Field(
+        default_factory=FinetuneDecoderConfig, description="Stage finetune-decoder."
+    )
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage evaluate.")
+
+    @property
+    def image_resolution(self) -> int:
+        """Side the shards are cropped to: the largest resolution any tokenizer reads."""
+        return max(self.train_vqgan.low.resolution, self.train_vqgan.high.resolution)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    """Names of the bundled presets (`configs/*.yaml`)."""
+    root = importlib.resources.files("muse.configs")
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{origin}: invalid YAML: {e}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `over` into a copy of `base`; mappings merge, everything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value); the value is read as YAML (so 3, 1e-4, [a, b])."""
+    path, sep, raw = text.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: unknown key {path}")
+        elif e["type"] == "missing":
+            lines.append(f"{origin}: missing key {path}")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            lines.append(f"{origin}: {path}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(
+    preset: str | None = "tiny",
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> PipelineConfig:
+    """Resolve preset + file + overrides into a validated `PipelineConfig`."""
+    data: dict[str, Any] = {}
+    origins = []
+    if preset:
+        if preset not in preset_names():
+            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(preset_names())}")
+        text = importlib.resources.files("muse.configs").joinpath(f"{preset}.yaml").read_text()
+        data = _read_yaml(text, f"configs/{preset}.yaml")
+        data["preset"] = preset
+        origins.append(f"preset {preset}")
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        data = _merge(data, _read_yaml(path.read_text(), str(path)))
+        origins.append(str(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {key} is not a section")
+            node = child
+        node[keys[-1]] = value
+    if overrides:
+        origins.append("--set")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, " + ".join(origins) or "config")) from None
+
+
+def dump_config(config: PipelineConfig) -> str:
+    """The resolved config as YAML (what `muse config show` prints)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

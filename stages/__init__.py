@@ -1,0 +1,10 @@
+"""Pipeline stages: pure Python, one module each, no Prefect and no imports of each other.
+
+Every stage module declares
+    NAME          the stage name used by the CLI, the flow and deployments
+    INPUTS        artifact kinds it reads
+    OUTPUTS       artifact kinds it writes
+    CODE_VERSION  bumped whenever the stage's outputs change for the same config and inputs
+    config_of(config) -> dict   the resolved config its outputs depend on (part of the version)
+    run(config, inputs, store) -> Artifact | list[Artifact]
+"""
