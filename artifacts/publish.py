@@ -13,10 +13,8 @@ import json
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from .store import Artifact, ArtifactStore
+from .store import PREVIEW_DIR, Artifact, ArtifactStore
 
-# Stage-written previews: PNG files under this folder of an artifact are shown on its page.
-PREVIEW_DIR = "previews"
 _MAX_PREVIEW_BYTES = 2_000_000
 
 

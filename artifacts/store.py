@@ -27,6 +27,9 @@ from pydantic import ValidationError
 
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, content_version, sha256_file
 
+# Stage-written previews: PNG files under this folder of an artifact are shown on its Prefect page.
+PREVIEW_DIR = "previews"
+
 _VERSION_RE = re.compile(r"^[0-9a-f]{6,64}$")
 _KIND_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
@@ -245,14 +248,14 @@ class ArtifactStore:
         config: Any,
         inputs: dict[str, str],
         code_version: str,
-        replace: bool = False,
     ) -> Iterator[ArtifactWriter]:
         """Write a new artifact: yields a writer whose `path` is a private temp dir.
 
         On normal exit the files are hashed, the manifest written, everything
         fsynced and the directory renamed to `KIND/VERSION`; then `latest` moves.
         On an exception the temp dir is removed and nothing else changes.
-        With `replace`, an existing artifact of that version is swapped out.
+        An existing artifact of the same version (a forced rerun) is swapped out
+        whole, by two renames, and the new one gets the next sequence number.
         """
         if not _KIND_RE.match(kind):
             raise ArtifactError(f"invalid artifact kind {kind!r}: use lowercase letters, digits and '-'")
@@ -268,9 +271,6 @@ class ArtifactStore:
             ]
             with self._lock():
                 target = self.root / kind / version
-                if target.exists() and not replace:
-                    writer.artifact = self._load(kind, version)  # someone committed the same content first
-                    return
                 seq = max((a.manifest.seq for a in self.list(kind)), default=0) + 1
                 manifest = Manifest(
                     kind=kind, version=version, seq=seq, stage=stage, config=config, inputs=inputs,

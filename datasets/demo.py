@@ -53,11 +53,11 @@ _PHRASES = {
     "bottom": ["at the bottom", "near the bottom"],
 }
 _TEMPLATES = [
-    "a {obj}",
     "{obj}",
-    "a picture of a {obj} on a {bg} background",
-    "there is a {obj}",
-    "a simple drawing of a {obj}",
+    "{bare}",
+    "a picture of {obj} on a {bg} background",
+    "there is {obj}",
+    "a simple drawing of {obj}",
 ]
 TWO_OBJECT_RATE = 0.25
 
@@ -112,6 +112,10 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
         draw.polygon(poly, fill=fill)
 
 
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
 def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int) -> tuple[int, int, int]:
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
 
@@ -147,7 +151,7 @@ def make_sample(index: int, image_size: int, seed: int) -> DemoSample:
 
     parts = [f"{o.colour} {o.shape} {rng.choice(_PHRASES[o.position])}" for o in objects]
     template = str(rng.choice(_TEMPLATES))
-    caption = template.format(obj=" and a ".join(parts), bg=background)
+    caption = template.format(obj=" and ".join(_article(p) for p in parts), bare=" and ".join(parts), bg=background)
     return DemoSample(f"{index:06d}", image, caption, background, objects, panoptic)
 
 

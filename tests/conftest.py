@@ -1,0 +1,41 @@
+"""Shared fixtures: one Prefect test server per session, small configs, temporary stores."""
+
+from __future__ import annotations
+
+import pytest
+
+from muse.artifacts.store import ArtifactStore
+from muse.config import load_config
+
+# Small geometry so tests run in seconds: 32 px shards, 8 demo images per test unless asked otherwise.
+SMALL = [
+    "train_vqgan.low.resolution=32",
+    "train_vqgan.high.resolution=32",
+    "demo.num_samples=24",
+    "demo.image_size=48",
+    "shard.workers=1",
+    "shard.samples_per_shard=10",
+    "shard.val_fraction=0.25",
+]
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real (temporary) Prefect API server shared by every test that runs a flow."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def store(tmp_path) -> ArtifactStore:
+    return ArtifactStore(tmp_path / "store")
+
+
+@pytest.fixture
+def small_config():
+    def make(*overrides: str):
+        return load_config("tiny", overrides=[*SMALL, *overrides])
+
+    return make

@@ -1,0 +1,67 @@
+import pytest
+
+from muse.config import ConfigError, PipelineConfig, dump_config, load_config, parse_override, preset_names
+
+
+def test_presets_load_and_validate():
+    assert {"tiny", "muse-256", "muse-512"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(name)
+        assert isinstance(cfg, PipelineConfig) and cfg.preset == name
+    tiny = load_config("tiny")
+    assert tiny.train_vqgan.low.token_side == 8 and tiny.train_vqgan.high.token_side == 16
+    big = load_config("muse-256")
+    assert big.train_vqgan.low.downsample == 16 and big.train_vqgan.low.token_side == 16
+    assert big.train_vqgan.high.token_side == 64 and big.train_vqgan.high.codebook_size == 8192
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config("tiny", overrides=["train_base.train.lr=3e-4", "segment.segmenters=[masks, human]"])
+    assert cfg.train_base.train.lr == pytest.approx(3e-4)
+    assert cfg.segment.segmenters == ["masks", "human"]
+    assert parse_override("shard.source=data/x.tar") == (["shard", "source"], "data/x.tar")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train_base.foo=1", "unknown key train_base.foo"),
+        ("train_base.train.lr=abc", "train_base.train.lr: Input should be a valid number"),
+        ("train_vqgan.low.resolution=100", "not divisible by the downsampling factor 8"),
+        ("shard.val_fraction=1.5", "shard.val_fraction"),
+        ("nosection.key=1", "unknown key nosection"),
+        ("novalue", "expected section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides=[override])
+    assert message in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_config_file_merges_over_preset_and_errors_name_the_file(tmp_path):
+    good = tmp_path / "mine.yaml"
+    good.write_text("train_base:\n  train:\n    steps: 7\n")
+    cfg = load_config("tiny", config_file=good)
+    assert cfg.train_base.train.steps == 7
+    assert cfg.train_base.model.dim == load_config("tiny").train_base.model.dim  # untouched keys survive
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train_base: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config("tiny", config_file=bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("shard:\n  samples_per_shrd: 3\n")
+    with pytest.raises(ConfigError, match="typo.yaml: unknown key shard.samples_per_shrd"):
+        load_config("tiny", config_file=typo)
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config("nope")
+
+
+def test_dump_round_trips():
+    cfg = load_config("tiny", overrides=["demo.seed=5"])
+    import yaml
+
+    again = PipelineConfig.model_validate(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg

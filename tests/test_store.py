@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+from muse.artifacts.store import ArtifactStore, MissingArtifact
+
+
+def _write(store, kind="shards", config=None, inputs=None, code="1", payload=b"hello"):
+    with store.create(kind, stage="s", config=config or {"a": 1}, inputs=inputs or {}, code_version=code) as w:
+        (w.path / "data.bin").write_bytes(payload)
+        (w.path / "sub").mkdir()
+        (w.path / "sub" / "x.txt").write_text("x")
+        w.metrics["n"] = 2
+    return w.artifact
+
+
+def test_versions_are_content_derived():
+    v = ArtifactStore.version_of
+    base = v("s", {"a": 1, "b": [1, 2]}, {"shards": "abc"}, "1")
+    assert base == v("s", {"b": [1, 2], "a": 1}, {"shards": "abc"}, "1")  # key order does not matter
+    assert base != v("s", {"a": 2, "b": [1, 2]}, {"shards": "abc"}, "1")
+    assert base != v("s", {"a": 1, "b": [1, 2]}, {"shards": "abd"}, "1")
+    assert base != v("s", {"a": 1, "b": [1, 2]}, {"shards": "abc"}, "2")
+    assert base != v("t", {"a": 1, "b": [1, 2]}, {"shards": "abc"}, "1")
+
+
+def test_commit_writes_manifest_hashes_and_latest(store):
+    a = _write(store)
+    m = json.loads((a.path / "manifest.json").read_text())
+    assert m["kind"] == "shards" and m["seq"] == 1 and m["status"] == "complete"
+    assert {f["path"] for f in m["files"]} == {"data.bin", "sub/x.txt"}
+    assert store.latest_version("shards") == a.version
+    assert store.get("shards").version == a.version
+    assert store.resolve("shards:v1").version == a.version
+    assert store.resolve(f"shards:{a.version[:6]}").version == a.version
+    b = _write(store, config={"a": 2})
+    assert b.manifest.seq == 2 and store.get("shards").version == b.version
+    assert [x.version for x in store.list("shards")] == [a.version, b.version]
+    assert not list((store.root / ".tmp").iterdir())
+
+
+def test_failed_stage_leaves_no_artifact_and_latest_unchanged(store):
+    a = _write(store)
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.create("shards", stage="s", config={"a": 9}, inputs={}, code_version="1") as w:
+            (w.path / "half.bin").write_bytes(b"partial")
+            raise RuntimeError("boom")
+    assert [x.version for x in store.list("shards")] == [a.version]
+    assert store.latest_version("shards") == a.version
+    assert not list((store.root / ".tmp").iterdir())
+    assert not store.has("shards", ArtifactStore.version_of("s", {"a": 9}, {}, "1"))
+
+
+def test_rewrite_of_same_version_replaces_whole(store):
+    a = _write(store, payload=b"one")
+    b = _write(store, payload=b"two")
+    assert a.version == b.version and b.manifest.seq == 2
+    assert (b.path / "data.bin").read_bytes() == b"two"
+    assert len(store.list("shards")) == 1
+
+
+def test_verify_catches_a_flipped_byte(store):
+    a = _write(store, payload=b"0123456789")
+    checked, problems = store.verify()
+    assert checked == 2 and problems == []
+    data = bytearray((a.path / "data.bin").read_bytes())
+    data[3] ^= 0x01
+    (a.path / "data.bin").write_bytes(bytes(data))
+    (a.path / "stray.txt").write_text("?")
+    _, problems = store.verify()
+    assert {(p.path, p.reason) for p in problems} == {("data.bin", "sha256 mismatch"), ("stray.txt", "file not in manifest")}
+
+
+def test_lineage_and_missing(store):
+    shards = _write(store)
+    tokens = _write(store, kind="tokens", inputs={"shards": shards.version})
+    lines = store.lineage(tokens)
+    assert lines[0].startswith("tokens v1") and lines[1].strip().startswith("shards v1")
+    with pytest.raises(MissingArtifact, match="no 'base' artifact"):
+        store.get("base")
+    with pytest.raises(MissingArtifact):
+        store.resolve("shards:v7")
+
+
+def test_work_dir_survives_until_cleared(store):
+    w = store.work_dir("base", "abc123")
+    (w / "ckpt.pt").write_bytes(b"x")
+    assert store.work_dir("base", "abc123").joinpath("ckpt.pt").exists()
+    store.clear_work("base", "abc123")
+    assert not (store.root / ".work" / "base" / "abc123").exists()
