@@ -1,0 +1,72 @@
+"""The `muse` flow on a real (temporary) Prefect server, with the real shard stage."""
+
+import pytest
+
+from muse.artifacts.store import ArtifactStore
+from muse.flows.pipeline import MissingInput, muse
+from tests.conftest import SMALL
+
+
+def _run(store, target, overrides=SMALL, **kw):
+    return muse(target=target, preset="tiny", overrides=overrides, store=str(store.root), **kw)
+
+
+def test_stage_runs_then_is_up_to_date_then_forced(prefect_api, store, caplog):
+    first = _run(store, "shard")
+    art = store.get("shards")
+    assert first == {"shards": art.version} and art.manifest.seq == 1
+    created = art.manifest.created
+
+    caplog.clear()
+    assert _run(store, "shard") == first
+    assert "up to date" in caplog.text
+    again = store.get("shards")
+    assert again.manifest.seq == 1 and again.manifest.created == created  # untouched
+
+    assert _run(store, "shard", force=["shard"]) == first
+    assert store.get("shards").manifest.seq == 2
+
+    changed = _run(store, "shard", overrides=[*SMALL, "demo.seed=9"])
+    assert changed["shards"] != first["shards"] and len(store.list("shards")) == 2
+
+
+def test_single_stage_with_missing_input_names_the_stage_to_run_first(prefect_api, tmp_path):
+    empty = ArtifactStore(tmp_path / "empty")
+    with pytest.raises(MissingInput, match=r"stage 'finetune-decoder' needs a 'shards' artifact.*run `muse run shard` first"):
+        _run(empty, "finetune-decoder")
+    with pytest.raises(MissingInput, match=r"needs shards:ffff.*run `muse run shard` first"):
+        _run(empty, "segment", inputs={"shards": "ffff"})
+
+
+def test_full_train_stops_loudly_at_the_first_unbuilt_stage(prefect_api, store):
+    with pytest.raises(NotImplementedError, match="stage 'segment' is not implemented yet: issue #4"):
+        _run(store, "full-train")
+    assert store.kinds() == ["shards"]  # the stage before it committed; nothing fake after it
+
+
+def test_unknown_target_and_force(prefect_api, store):
+    with pytest.raises(ValueError, match="unknown target 'nope'"):
+        _run(store, "nope")
+    with pytest.raises(ValueError, match="--force 'shrad': unknown stage"):
+        _run(store, "shard", force=["shrad"])
+
+
+def test_prefect_ui_artifacts_are_published(prefect_api, store):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _run(store, "shard")
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["muse-shards", "muse-shards-config"]))
+            )
+
+    import asyncio
+
+    arts = asyncio.run(read())
+    kinds = {(a.key, a.type) for a in arts}
+    assert ("muse-shards", "table") in kinds and ("muse-shards-config", "markdown") in kinds
+    page = next(a for a in arts if a.type == "markdown").data
+    assert "data:image/png;base64," in page and "## Config" in page
