@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import multiprocessing
 import time
 import warnings
@@ -156,6 +157,10 @@ def process(item: Item, params: ImageParams) -> Processed | Rejected:
             return Rejected(sid, "too_large", f"{w}x{h} > {params.max_pixels} pixels")
         if min(w, h) < params.min_side:
             return Rejected(sid, "too_small", f"{w}x{h}, shorter side < {params.min_side}")
+        if img.format == "JPEG":
+            # Decode at the smallest DCT scale that still covers the crop: much less work for big photos.
+            scale = params.resolution / min(w, h)
+            img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
         try:
             img.load()
         except OSError as e:
