@@ -241,3 +241,23 @@ def test_source_change_changes_the_version(tmp_path, small_config):
     before = shard.config_of(small_config(f"shard.source={src}"))
     (src / "b.png").write_bytes(_png_bytes(_img((2, 2, 2))))
     assert shard.config_of(small_config(f"shard.source={src}")) != before
+
+
+def test_exif_orientation_is_applied(tmp_path, store, small_config):
+    src = tmp_path / "src"
+    src.mkdir()
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, :40] = (255, 0, 0)  # left half red
+    arr[:, 40:] = (0, 0, 255)  # right half blue
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    img.save(src / "rot.jpg", exif=exif, quality=95)
+    (src / "rot.txt").write_text("rotated")
+    art = shard.run(small_config(f"shard.source={src}", "shard.val_fraction=0"), {}, store)
+    _, out, meta = _read_all(art)["rot.jpg"]
+    pixels = np.asarray(out).astype(int)
+    # Displayed upright, the red half is on top and the blue half at the bottom.
+    assert pixels[2, 16, 0] > 200 and pixels[2, 16, 2] < 60
+    assert pixels[-3, 16, 2] > 200 and pixels[-3, 16, 0] < 60
+    assert (meta["original_width"], meta["original_height"]) == (80, 40)
