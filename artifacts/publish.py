@@ -1,7 +1,8 @@
 """Publish an artifact to the Prefect UI: a table (metrics + lineage) and a markdown page (config + inputs).
 
 Called by the flows only; stages stay free of Prefect. Keys follow Prefect's rule
-`^[a-z0-9-]*$`: the table is `muse-<kind>`, the page `muse-<kind>-config`.
+`^[a-z0-9-]*$`: the table is `muse-<kind>`, the page `muse-<kind>-config`, and a
+stage's extra tables (manifest `details.tables.NAME`) `muse-<kind>-NAME`.
 Images (sample grids) are embedded in the page as data URIs, so they render in
 the UI without the store being reachable from the browser.
 """
@@ -64,3 +65,6 @@ def publish(artifact: Artifact, store: ArtifactStore, up_to_date: bool = False) 
     create_markdown_artifact(
         key=f"{key}-config", markdown=markdown_page(artifact, up_to_date), description=artifact.manifest.label
     )
+    # Stage-specific tables (e.g. segment's class frequencies) ride in the manifest's details.
+    for name, rows in artifact.manifest.details.get("tables", {}).items():
+        create_table_artifact(key=f"{key}-{name}", table=rows, description=f"{artifact.manifest.label}: {name}")

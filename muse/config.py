@@ -106,14 +106,74 @@ class TrainConfig(Section):
 # ----------------------------------------------------------------------------- stages
 
 
+class RayConfig(Section):
+    """Where stages that fan out (segment, tokenize) run their Ray work."""
+
+    address: str | None = Field(None, description="Cluster to join ('auto', 'ray://host:10001'); None starts Ray locally.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray; None = all cores.")
+
+
+class PanopticSegmenterConfig(Section):
+    """detectron2 panoptic model (optional extra)."""
+
+    config_name: str = Field(
+        "COCO-PanopticSegmentation/panoptic_fpn_R_101_3x.yaml", description="detectron2 model-zoo config."
+    )
+    weights: str | None = Field(None, description="Checkpoint path or URL; None = the model zoo's URL for config_name.")
+    id_scheme: Literal["separated", "contiguous"] = Field(
+        "separated",
+        description="How segments_info category_id counts: 'separated' (Panoptic FPN: things 0-79, stuff 1-53) "
+        "or 'contiguous' (0-132 over things then stuff, e.g. Panoptic-DeepLab, Mask2Former).",
+    )
+
+
+class HumanSegmenterConfig(Section):
+    """SCHP-layout human-part parser (LIP classes)."""
+
+    weights: str | None = Field(None, description="SCHP LIP checkpoint path.")
+    allow_random_weights: bool = Field(False, description="Run without weights (smoke tests only: maps are noise).")
+    input_size: int = Field(473, ge=32, description="Side the image is resized to for parsing.")
+
+
+class FaceSegmenterConfig(Section):
+    """Face parts from face-alignment's 68 landmarks (optional extra)."""
+
+    face_detector: str = Field("sfd", description="face-alignment detector: sfd, blazeface, dlib.")
+
+
+class MasksSegmenterConfig(Section):
+    """Ground-truth masks shipped with a dataset (COCO-panoptic PNG + segments_info)."""
+
+    categories_file: str | None = Field(
+        None, description="COCO-panoptic json with 'categories'; None = each sample's json carries its categories."
+    )
+
+
 class SegmentConfig(Section):
-    """Stage `segment`: Make-A-Scene scene maps."""
+    """Stage `segment`: Make-A-Scene scene maps (one label per pixel + an edge map)."""
 
     segmenters: list[Literal["masks", "panoptic", "human", "face"]] = Field(
-        ["masks"], description="Segmenters to run and merge; 'masks' reads a dataset's ground truth."
+        ["masks"], description="Segmenters to run and merge; 'masks' reads a dataset's ground truth instead of panoptic."
+    )
+    dataset_classes: list[str] = Field(
+        [], description="Class names of a dataset's own masks, appended to the label space after the face parts."
     )
     batch_size: int = Field(16, ge=1, description="Images per segmenter call.")
+    concurrency: int = Field(1, ge=1, description="Actors per segmenter model.")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per actor; None = 1 when the cluster has GPUs, else 0.")
     max_failed_fraction: float = Field(0.01, ge=0, le=1, description="Fail the stage above this failure rate.")
+    panoptic: PanopticSegmenterConfig = Field(default_factory=PanopticSegmenterConfig, description="panoptic segmenter.")
+    human: HumanSegmenterConfig = Field(default_factory=HumanSegmenterConfig, description="human segmenter.")
+    face: FaceSegmenterConfig = Field(default_factory=FaceSegmenterConfig, description="face segmenter.")
+    masks: MasksSegmenterConfig = Field(default_factory=MasksSegmenterConfig, description="masks segmenter.")
+
+    @model_validator(mode="after")
+    def _one_base(self) -> "SegmentConfig":
+        if "masks" in self.segmenters and "panoptic" in self.segmenters:
+            raise ValueError("use either 'masks' or 'panoptic' as the base segmenter, not both")
+        if not self.segmenters:
+            raise ValueError("at least one segmenter is needed")
+        return self
 
 
 class TrainVQGANConfig(Section):
@@ -179,6 +239,7 @@ class PipelineConfig(Section):
 
     preset: str = Field("custom", description="Name of the preset this config started from (informational).")
     demo: DemoConfig = Field(default_factory=DemoConfig, description="Demo dataset.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray runtime for fan-out stages.")
     shard: ShardConfig = Field(default_factory=ShardConfig, description="Stage shard.")
     segment: SegmentConfig = Field(default_factory=SegmentConfig, description="Stage segment.")
     train_vqgan: TrainVQGANConfig = Field(..., description="Stage train-vqgan.")

@@ -28,6 +28,17 @@ def prefect_api():
         yield
 
 
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the session (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def store(tmp_path) -> ArtifactStore:
     return ArtifactStore(tmp_path / "store")

@@ -38,10 +38,11 @@ def test_single_stage_with_missing_input_names_the_stage_to_run_first(prefect_ap
         _run(empty, "segment", inputs={"shards": "ffff"})
 
 
-def test_full_train_stops_loudly_at_the_first_unbuilt_stage(prefect_api, store):
-    with pytest.raises(NotImplementedError, match="stage 'segment' is not implemented yet: issue #4"):
+def test_full_train_stops_loudly_at_the_first_unbuilt_stage(prefect_api, ray_local, store):
+    with pytest.raises(NotImplementedError, match="stage 'train-vqgan' is not implemented yet: issue #5"):
         _run(store, "full-train")
-    assert store.kinds() == ["shards"]  # the stage before it committed; nothing fake after it
+    assert store.kinds() == ["segments", "shards"]  # the stages before it committed; nothing fake after it
+    assert store.get("segments").manifest.inputs == {"shards": store.get("shards").version}
 
 
 def test_unknown_target_and_force(prefect_api, store):

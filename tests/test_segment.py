@@ -1,0 +1,203 @@
+"""Scene maps: merge rules, each segmenter at its boundary, and the stage end to end through Ray."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from muse.config import FaceSegmenterConfig, HumanSegmenterConfig, PanopticSegmenterConfig
+from muse.datasets.demo import panoptic_ids, write_folder
+from muse.datasets.labels import build_label_space
+from muse.datasets.shards import read_samples, shard_files
+from muse.stages import segment, shard
+from muse.stages.segment.merge import SegmentMaps, boundaries, merge
+from muse.stages.segment.segmenters import (
+    FaceSegmenter,
+    HumanSegmenter,
+    MissingExtra,
+    PanopticSegmenter,
+    SceneInput,
+    panoptic_to_maps,
+    rasterize_face_parts,
+)
+
+SPACE = build_label_space(["circle", "square", "triangle", "diamond"])
+
+
+def _maps(labels, instances=None):
+    labels = np.asarray(labels)
+    return SegmentMaps(labels, labels.copy() if instances is None else np.asarray(instances))
+
+
+# ----------------------------------------------------------------------------- merge rules
+
+
+def test_precedence_face_over_human_over_panoptic():
+    person, sky = SPACE.person, SPACE.by_name("sky-other-merged")
+    base = _maps([[sky, person, person, person]], [[1, 2, 2, 2]])
+    hair, face_skin = SPACE.human(2), SPACE.human(13)
+    human = _maps([[0, hair, face_skin, face_skin]])
+    eyes = SPACE.face(1)
+    face = _maps([[0, 0, 0, eyes]])
+    labels, _ = merge(SPACE, base, human, face)
+    assert labels.tolist() == [[sky, hair, face_skin, eyes]]
+
+
+def test_fix1_human_background_is_not_a_label():
+    person = SPACE.person
+    base = _maps([[person, person]], [[1, 1]])
+    human = _maps([[SPACE.human(0), SPACE.human(5)]])  # LIP background maps to void (0)
+    assert SPACE.human(0) == 0
+    labels, _ = merge(SPACE, base, human)
+    assert labels.tolist() == [[person, SPACE.human(5)]]
+
+
+def test_fix2_no_panoptic_person_drops_human_and_face():
+    car = SPACE.thing(2)
+    base = _maps([[car, car]], [[3, 3]])
+    labels, edges = merge(SPACE, base, _maps([[SPACE.human(5), SPACE.human(9)]]), _maps([[SPACE.face(2), 0]]))
+    assert labels.tolist() == [[car, car]]
+    assert not edges.any()
+
+
+def test_fix3_edges_of_instances_and_human_parts_go_to_a_separate_map():
+    person = SPACE.person
+    inst = np.zeros((6, 6), int)
+    inst[:, :3], inst[:, 3:] = 1, 2  # two people side by side, same class
+    base = SegmentMaps(np.full((6, 6), person), inst)
+    labels, edges = merge(SPACE, base)
+    assert set(np.unique(labels)) == {person}  # one class per pixel
+    assert edges[:, 2].all() and edges[:, 3].all() and not edges[:, 0].any()
+    human = np.zeros((6, 6), int)
+    human[:3, :3] = SPACE.human(2)
+    human[3:, :3] = SPACE.human(5)
+    _, edges2 = merge(SPACE, base, SegmentMaps(human, human))
+    assert edges2[2, 0] and edges2[3, 0] and not edges[2, 0]  # the part boundary adds an edge
+    assert boundaries(np.array([[1, 1], [1, 1]])).sum() == 0
+
+
+# ----------------------------------------------------------------------------- segmenters at their boundaries
+
+
+def test_detectron2_adapter_converts_both_id_schemes():
+    seg = torch.tensor([[0, 1, 1], [2, 2, 3]], dtype=torch.int32)
+    separated = [
+        {"id": 1, "category_id": 0, "isthing": True, "score": 0.9, "instance_id": 0},  # person
+        {"id": 2, "category_id": 2, "isthing": True, "score": 0.8, "instance_id": 1},  # car
+        {"id": 3, "category_id": 40, "isthing": False, "area": 1},  # stuff #40 (1-based): sky-other-merged
+    ]
+    maps = panoptic_to_maps(seg, separated, SPACE, "separated")
+    sky = SPACE.by_name("sky-other-merged")
+    assert maps.labels.tolist() == [[0, SPACE.person, SPACE.person], [SPACE.thing(2), SPACE.thing(2), sky]]
+    assert maps.instances.tolist() == [[0, 1, 1], [2, 2, 3]]
+    contiguous = [dict(separated[0]), dict(separated[1]), {"id": 3, "category_id": 80 + 39, "isthing": False}]
+    assert panoptic_to_maps(seg, contiguous, SPACE, "contiguous").labels.tolist() == maps.labels.tolist()
+
+
+def test_missing_extras_name_what_to_install():
+    with pytest.raises(MissingExtra, match=r"detectron2.*muse-pipeline\[detectron2\]"):
+        PanopticSegmenter(PanopticSegmenterConfig(), SPACE, "cpu")
+    with pytest.raises(MissingExtra, match=r"face-alignment.*muse-pipeline\[face\]"):
+        FaceSegmenter(FaceSegmenterConfig(), SPACE, "cpu")
+    with pytest.raises(ValueError, match="segment.human.weights"):
+        HumanSegmenter(HumanSegmenterConfig(), SPACE, "cpu")
+
+
+def test_human_parser_runs_on_random_weights():
+    seg = HumanSegmenter(HumanSegmenterConfig(allow_random_weights=True, input_size=64), SPACE, "cpu")
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    maps = seg([SceneInput("k", rgb, {}, None), SceneInput("k2", rgb[::-1].copy(), {}, None)])
+    assert len(maps) == 2 and maps[0].labels.shape == (40, 56)
+    human = {SPACE.human(i) for i in range(1, 20)}
+    assert set(np.unique(maps[0].labels)) <= human | {0}
+
+
+def test_human_parser_loads_its_own_state_dict_strictly(tmp_path):
+    from muse.models.human_parser import HumanParser, load_human_parser
+
+    model = HumanParser(blocks=(1, 1, 1, 1))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "schp.pth")
+    loaded = load_human_parser(tmp_path / "schp.pth", blocks=(1, 1, 1, 1))
+    x = torch.rand(1, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model.eval()(x))
+    torch.save({"other.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not an SCHP LIP checkpoint"):
+        load_human_parser(tmp_path / "bad.pth", blocks=(1, 1, 1, 1))
+
+
+def test_face_parts_rasterized_from_68_landmarks():
+    # A synthetic frontal face: points laid out like the iBUG 68 scheme on a 100x100 canvas.
+    pts = np.zeros((68, 2))
+    pts[0:17] = np.c_[np.linspace(20, 80, 17), 60 + 20 * np.sin(np.linspace(0, np.pi, 17))]  # jaw
+    pts[17:22] = np.c_[np.linspace(25, 45, 5), np.full(5, 30)]  # right brow
+    pts[22:27] = np.c_[np.linspace(55, 75, 5), np.full(5, 30)]  # left brow
+    pts[27:31] = np.c_[np.full(4, 50), np.linspace(38, 55, 4)]  # nose bridge
+    pts[31:36] = np.c_[np.linspace(43, 57, 5), np.full(5, 60)]  # nostrils
+    for start, cx in ((36, 35), (42, 65)):  # eyes: hexagons
+        ang = np.linspace(0, 2 * np.pi, 7)[:-1]
+        pts[start:start + 6] = np.c_[cx + 7 * np.cos(ang), 40 + 3 * np.sin(ang)]
+    ang = np.linspace(0, 2 * np.pi, 13)[:-1]
+    pts[48:60] = np.c_[50 + 14 * np.cos(ang), 75 + 6 * np.sin(ang)]  # outer lips
+    ang = np.linspace(0, 2 * np.pi, 9)[:-1]
+    pts[60:68] = np.c_[50 + 8 * np.cos(ang), 75 + 2 * np.sin(ang)]  # inner mouth
+    labels = rasterize_face_parts([pts], (100, 100), SPACE)
+    assert labels.shape == (100, 100)
+    assert labels[30, 35] == SPACE.face(0)  # brow
+    assert labels[40, 35] == SPACE.face(1) and labels[40, 65] == SPACE.face(1)  # eyes
+    assert labels[58, 50] == SPACE.face(2)  # nose
+    assert labels[75, 40] == SPACE.face(3)  # lips
+    assert labels[75, 50] == SPACE.face(4)  # inner mouth paints over the lips
+    assert labels[5, 5] == 0 and set(np.unique(labels)) == {0, *(SPACE.face(p) for p in range(5))}
+
+
+# ----------------------------------------------------------------------------- the stage through Ray
+
+
+def _seg_cfg(small_config, *extra):
+    return small_config("segment.dataset_classes=[circle, square, triangle, diamond]", "segment.batch_size=8", *extra)
+
+
+def test_masks_segmenter_end_to_end_matches_ground_truth(ray_local, store, small_config):
+    cfg = _seg_cfg(small_config)
+    shards = shard.run(cfg, {}, store)
+    art = segment.run(cfg, {"shards": shards}, store)
+    m = art.manifest
+    assert m.metrics["samples"] == m.metrics["segmented"] == 24 and m.metrics["failed"] == 0
+    assert m.details["label_space"]["158"] == {"name": "circle", "group": "dataset"}
+    for split in ("train", "val"):
+        names = [p.name for p in shard_files(shards.path, split)]
+        assert sorted(p.name for p in (art.path / split).glob("*.tar")) == names  # same shard files
+        truth = {s["key"]: s for s in read_samples(shards.path, split)}
+        urls = [str(p) for p in sorted((art.path / split).glob("*.tar"))]
+        got = {x["__key__"]: x for x in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+        assert set(got) == set(truth)  # no key lost or duplicated
+        for key, s in truth.items():
+            labels = np.asarray(Image.open(io.BytesIO(got[key]["seg.png"])))
+            ids = panoptic_ids(s["panoptic"])
+            expected = np.zeros_like(labels)
+            for seg_info, obj in zip(s["info"]["source_info"]["segments_info"], s["info"]["source_info"]["objects"]):
+                expected[ids == seg_info["id"]] = SPACE.by_name(obj["shape"])
+            assert np.array_equal(labels, expected)
+            edges = np.asarray(Image.open(io.BytesIO(got[key]["edge.png"])))
+            assert set(np.unique(edges)) <= {0, 255} and edges[labels > 0].any()
+    assert (art.path / "previews" / "scenes.png").is_file()
+    assert {r["label"] for r in m.details["tables"]["classes"]} >= {"void"}
+
+
+def test_failed_samples_are_recorded_and_the_threshold_applies(ray_local, tmp_path, store, small_config):
+    src = write_folder(tmp_path / "demo", num_samples=6, image_size=48, seed=1)
+    Image.new("RGB", (48, 48), (10, 200, 10)).save(src / "zz_nomask.png")  # an image without a mask
+    (src / "zz_nomask.txt").write_text("a green square")
+    cfg = _seg_cfg(small_config, f"shard.source={src}", "shard.val_fraction=0")
+    shards = shard.run(cfg, {}, store)
+    with pytest.raises(RuntimeError, match=r"1 of 7 samples failed.*no panoptic.png mask"):
+        segment.run(cfg, {"shards": shards}, store)
+    assert store.list("segments") == []  # nothing committed
+    lenient = _seg_cfg(small_config, f"shard.source={src}", "shard.val_fraction=0", "segment.max_failed_fraction=0.2")
+    art = segment.run(lenient, {"shards": shards}, store)
+    assert art.manifest.metrics["failed"] == 1 and art.manifest.metrics["segmented"] == 6
+    assert "no panoptic.png mask" in art.manifest.details["failures"][0]["reason"]
