@@ -70,8 +70,16 @@ class VQModelConfig(Section):
     ch_mult: tuple[int, ...] = Field((1, 2, 2), description="Channel multiplier per level; levels-1 downsamplings.")
     num_res_blocks: int = Field(1, ge=1, description="ResBlocks per level.")
     attn_resolutions: tuple[int, ...] = Field((), description="Feature-map sides that get self-attention.")
+    embed_dim: int = Field(64, ge=1, description="Channels of the latent the codebook quantizes.")
     codebook_size: int = Field(512, ge=2, le=65536, description="Number of codes (token ids fit uint16).")
-    code_dim: int = Field(32, ge=1, description="Dimension of the (low-dim) codes.")
+    code_dim: int = Field(32, ge=1, description="Dimension of the (low-dim) codes; latents are projected to it.")
+    use_cosine_sim: bool = Field(True, description="l2-normalised codes and latents (cosine-similarity lookup).")
+    ema_update: bool = Field(True, description="Codebook updated by EMA; False = learned by the optimizer.")
+    decay: float = Field(0.99, gt=0, lt=1, description="EMA decay of the codebook.")
+    threshold_ema_dead_code: int = Field(2, ge=0, description="Codes used less than this are restarted; 0 = never.")
+    kmeans_init: bool = Field(False, description="Initialise the codebook by k-means on the first batch.")
+    rotation_trick: bool = Field(True, description="Rotation trick gradients through the quantizer (else STE).")
+    commitment_weight: float = Field(0.25, ge=0, description="Weight of the commitment loss.")
 
     @property
     def downsample(self) -> int:
@@ -84,22 +92,46 @@ class VQModelConfig(Section):
         return self.resolution // self.downsample
 
     @model_validator(mode="after")
-    def _divisible(self) -> "VQModelConfig":
+    def _valid(self) -> "VQModelConfig":
         if self.resolution % self.downsample:
             raise ValueError(
                 f"resolution {self.resolution} is not divisible by the downsampling factor {self.downsample}"
             )
+        if self.use_cosine_sim and not self.ema_update:
+            raise ValueError("a cosine-similarity codebook must be EMA-updated (ema_update: true)")
         return self
+
+
+class VQLossConfig(Section):
+    """Reconstruction, perceptual and adversarial losses of an image tokenizer."""
+
+    l1_weight: float = Field(1.0, ge=0, description="Weight of the L1 reconstruction loss.")
+    l2_weight: float = Field(0.0, ge=0, description="Weight of the L2 reconstruction loss.")
+    perceptual_weight: float = Field(1.0, ge=0, description="Weight of LPIPS (only when vgg_weights is set).")
+    vgg_weights: str | None = Field(None, description="torchvision VGG16 weights path for LPIPS; None = no LPIPS.")
+    disc_weight: float = Field(0.1, ge=0, description="Weight of the generator's hinge GAN loss; 0 = no GAN.")
+    disc_start: int = Field(10_000, ge=0, description="Step at which the discriminator and GAN loss start.")
+    disc_layers: int = Field(3, ge=1, description="Strided layers of the PatchGAN discriminator.")
+    disc_ch: int = Field(64, ge=8, description="Base width of the discriminator.")
 
 
 class TrainConfig(Section):
     """The shared training loop's knobs."""
 
     steps: int = Field(1000, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(16, ge=1, description="Samples per optimizer step (before accumulation).")
+    batch_size: int = Field(16, ge=1, description="Samples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="Adam betas.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR after warmup.")
+    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm per optimizer; 0 = no clipping.")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of weights (used for eval/sampling); 0 = off.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints in .work/.")
+    log_every: int = Field(50, ge=1, description="Steps between logged figures.")
+    shuffle_buffer: int = Field(256, ge=1, description="Samples in the streaming shuffle buffer.")
     seed: int = Field(0, description="Seed for weights, data order and masking.")
 
 
@@ -176,12 +208,32 @@ class SegmentConfig(Section):
         return self
 
 
+class TrainOverride(Section):
+    """Per-tokenizer exceptions to the shared training loop settings."""
+
+    steps: int | None = Field(None, ge=1, description="Optimizer steps; None = train.steps.")
+    batch_size: int | None = Field(None, ge=1, description="Micro-batch size; None = train.batch_size.")
+
+
 class TrainVQGANConfig(Section):
     """Stage `train-vqgan`: low-res (f16) and high-res (f8) image tokenizers and the scene tokenizer."""
 
     low: VQModelConfig = Field(..., description="Tokenizer for the base transformer's resolution.")
     high: VQModelConfig = Field(..., description="Tokenizer for the super-res transformer's resolution.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    seg: VQModelConfig = Field(..., description="Scene tokenizer over one-hot label maps + the edge channel.")
+    loss: VQLossConfig = Field(default_factory=VQLossConfig, description="Image tokenizer losses.")
+    face_class_weight: float = Field(5.0, ge=1, description="Cross-entropy weight of face-part labels (vqseg).")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop (each tokenizer).")
+    overrides: dict[Literal["low", "high", "seg"], TrainOverride] = Field(
+        {}, description="Per-tokenizer steps / batch size, e.g. a smaller batch for the high-res one."
+    )
+
+    def train_for(self, tokenizer: str) -> TrainConfig:
+        """The shared loop settings with this tokenizer's overrides applied."""
+        o = self.overrides.get(tokenizer)
+        if o is None:
+            return self.train
+        return self.train.model_copy(update={k: v for k, v in o.model_dump().items() if v is not None})
 
 
 class TokenizeConfig(Section):

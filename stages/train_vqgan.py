@@ -1,21 +1,301 @@
-"""Stage `train-vqgan`: image tokenizers and the scene tokenizer (built by issue #5)."""
+"""Stage `train-vqgan`: the low-res and high-res image tokenizers and the scene tokenizer.
+
+Each tokenizer trains through the shared loop (`muse.training`) from its own
+`.work/KIND/VERSION/` checkpoint, so an interrupted run resumes exactly, and is
+committed as its own artifact as soon as it is done (a later failure keeps it):
+
+    vqgan-low   images at train_vqgan.low.resolution   (base transformer tokens)
+    vqgan-high  images at train_vqgan.high.resolution  (super-res tokens, decoder finetuning)
+    vqseg       one-hot scene label maps + the edge channel at train_vqgan.seg.resolution
+
+Image tokenizers: L1 (+ L2) + LPIPS (with VGG weights) + codebook/commitment loss, and a
+PatchGAN hinge loss with taming's adaptive weight from `disc_start`. The scene tokenizer:
+cross-entropy over labels (face parts weighted up) + BCE on edges, no GAN.
+"""
 
 from __future__ import annotations
 
-from muse.artifacts.store import Artifact, ArtifactStore
-from muse.config import PipelineConfig
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
+from muse.config import PipelineConfig, TrainConfig, VQLossConfig, VQModelConfig
+from muse.datasets.labels import build_label_space
+from muse.datasets.stream import batches, iter_tar, sample_stream
+from muse.models.vqgan import PatchDiscriminator, VQModel, adaptive_weight, hinge_d_loss, save_pretrained
+from muse.training import TrainLoop, seed_everything
 
 NAME = "train-vqgan"
 INPUTS: tuple[str, ...] = ("shards", "segments")
 OUTPUTS: tuple[str, ...] = ("vqgan-low", "vqgan-high", "vqseg")
-CODE_VERSION = "0"
+CODE_VERSION = "1"
+
+log = logging.getLogger("muse.stages.train_vqgan")
 
 
 def config_of(config: PipelineConfig) -> dict:
-    """The resolved config this stage's outputs depend on."""
-    return config.train_vqgan.model_dump(mode="json")
+    """The tokenizers' config plus the label space the scene tokenizer one-hots into."""
+    return {"train_vqgan": config.train_vqgan.model_dump(mode="json"),
+            "dataset_classes": list(config.segment.dataset_classes)}
+
+
+# ----------------------------------------------------------------------------- decoding samples
+
+
+def image_decoder(resolution: int) -> Callable[[dict[str, bytes]], torch.Tensor]:
+    """Raw shard sample -> [3, R, R] float in [-1, 1]."""
+
+    def decode(files: dict[str, bytes]) -> torch.Tensor:
+        data = files["jpg"] if "jpg" in files else files["png"]
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        if img.size != (resolution, resolution):
+            img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(127.5).sub(1)
+
+    return decode
+
+
+def scene_decoder(resolution: int, num_labels: int) -> Callable[[dict[str, bytes]], torch.Tensor]:
+    """Raw segments sample -> [num_labels + 1, R, R]: one-hot labels, then the edge map in {0, 1}."""
+
+    def decode(files: dict[str, bytes]) -> torch.Tensor:
+        labels = Image.open(io.BytesIO(files["seg.png"]))
+        edges = Image.open(io.BytesIO(files["edge.png"]))
+        if labels.size != (resolution, resolution):
+            labels = labels.resize((resolution, resolution), Image.Resampling.NEAREST)
+            edges = edges.resize((resolution, resolution), Image.Resampling.NEAREST)
+        lab = torch.from_numpy(np.asarray(labels).astype(np.int64))
+        onehot = F.one_hot(lab, num_labels).permute(2, 0, 1).float()
+        edge = torch.from_numpy((np.asarray(edges) > 127).astype(np.float32))[None]
+        return torch.cat([onehot, edge])
+
+    return decode
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean PSNR in dB of images in [-1, 1]."""
+    mse = ((x - y) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return (10 * torch.log10(1 / mse)).mean()
+
+
+class ImageObjective:
+    """Reconstruction + perceptual + codebook losses, and the PatchGAN game from `disc_start`."""
+
+    def __init__(self, model: VQModel, loss: VQLossConfig, perceptual: nn.Module | None):
+        self.model, self.loss, self.perceptual = model, loss, perceptual
+        self.modules: dict[str, nn.Module] = {"vq": model}
+        self.optimizers = {"gen": ["vq"]}
+        self.ema = ["vq"]
+        if loss.disc_weight > 0:
+            self.disc = PatchDiscriminator(3, loss.disc_ch, loss.disc_layers)
+            self.modules["disc"] = self.disc
+            self.optimizers["disc"] = ["disc"]
+
+    def reconstruction_loss(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        rec = self.loss.l1_weight * (x - recon).abs().mean()
+        if self.loss.l2_weight:
+            rec = rec + self.loss.l2_weight * (x - recon).pow(2).mean()
+        if self.perceptual is not None and self.loss.perceptual_weight:
+            rec = rec + self.loss.perceptual_weight * self.perceptual(recon, x).mean()
+        return rec
+
+    def losses(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        recon, codes, vq_loss = self.model(x)
+        rec = self.reconstruction_loss(x, recon)
+        out = {"rec": rec.detach(), "vq": vq_loss.detach(), "psnr": psnr(x, recon.detach()),
+               "usage": torch.tensor(codes.unique().numel() / self.model.cfg.codebook_size)}
+        gen = rec + vq_loss
+        if "disc" in self.modules and step >= self.loss.disc_start:
+            g_loss = -self.disc(recon).mean()
+            weight = self.loss.disc_weight * adaptive_weight(rec, g_loss, self.model.last_layer)
+            gen = gen + weight * g_loss
+            out["disc"] = hinge_d_loss(self.disc(x.detach()), self.disc(recon.detach()))
+            out.update(g_loss=g_loss.detach(), d_weight=weight)
+        out["gen"] = gen
+        return out
+
+
+class SceneObjective:
+    """Cross-entropy over scene labels (face parts weighted up) + BCE on the edge channel + codebook loss."""
+
+    def __init__(self, model: VQModel, class_weights: torch.Tensor):
+        self.model, self.class_weights = model, class_weights
+        self.modules: dict[str, nn.Module] = {"vq": model}
+        self.optimizers = {"gen": ["vq"]}
+        self.ema = ["vq"]
+
+    def losses(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        logits, codes, vq_loss = self.model(x)
+        labels = x[:, :-1].argmax(1)
+        ce = F.cross_entropy(logits[:, :-1], labels, weight=self.class_weights.to(x.device))
+        bce = F.binary_cross_entropy_with_logits(logits[:, -1], x[:, -1])
+        acc = (logits[:, :-1].argmax(1) == labels).float().mean()
+        return {"gen": ce + bce + vq_loss, "ce": ce.detach(), "bce": bce.detach(), "acc": acc,
+                "usage": torch.tensor(codes.unique().numel() / self.model.cfg.codebook_size)}
+
+
+# ----------------------------------------------------------------------------- evaluation and previews
+
+
+def _val_batches(files: list[Path], decode, batch_size: int):
+    buf = []
+    for f in sorted(files):
+        for _, sample in iter_tar(f):
+            buf.append(decode(sample))
+            if len(buf) == batch_size:
+                yield torch.stack(buf)
+                buf = []
+    if buf:
+        yield torch.stack(buf)
+
+
+def _code_stats(counts: np.ndarray) -> dict[str, float]:
+    p = counts / max(counts.sum(), 1)
+    nz = p[p > 0]
+    return {"codebook_usage": round(float((counts > 0).mean()), 4),
+            "perplexity": round(float(np.exp(-(nz * np.log(nz)).sum())), 2)}
+
+
+@torch.no_grad()
+def evaluate(model: VQModel, files: list[Path], decode, batch_size: int, scene: bool, device) -> tuple[dict, tuple]:
+    """Val metrics over every sample of `files`, and the first batch (inputs, reconstructions) for previews."""
+    model.eval()
+    counts = np.zeros(model.cfg.codebook_size, np.int64)
+    sums, n, first = {}, 0, None
+    for x in _val_batches(files, decode, batch_size):
+        x = x.to(device)
+        recon, codes, _ = model(x)
+        counts += np.bincount(codes.flatten().cpu().numpy(), minlength=model.cfg.codebook_size)
+        b = x.shape[0]
+        if scene:
+            labels = x[:, :-1].argmax(1)
+            pred = recon[:, :-1].argmax(1)
+            objects = labels > 0
+            values = {"pixel_accuracy": (pred == labels).float().mean(),
+                      "object_pixel_accuracy": (pred == labels)[objects].float().mean() if objects.any()
+                      else torch.tensor(1.0)}
+        else:
+            values = {"psnr": psnr(x, recon.clamp(-1, 1)), "l1": (x - recon.clamp(-1, 1)).abs().mean()}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * b
+        n += b
+        first = first or (x[:8].cpu(), recon[:8].cpu())
+    if n == 0:
+        return {}, None
+    return {**{k: round(v / n, 4) for k, v in sums.items()}, **_code_stats(counts), "val_samples": n}, first
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def _palette(n: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    pal = rng.integers(40, 255, (n, 3)).astype(np.uint8)
+    pal[0] = 0
+    return pal
+
+
+def save_preview(inputs: torch.Tensor, recon: torch.Tensor, path: Path, scene: bool) -> None:
+    """Top row inputs, bottom row reconstructions (scene maps colourised)."""
+    if scene:
+        pal = _palette(inputs.shape[1] - 1)
+        top, bottom = pal[inputs[:, :-1].argmax(1).numpy()], pal[recon[:, :-1].argmax(1).numpy()]
+    else:
+        top, bottom = _to_uint8(inputs), _to_uint8(recon)
+    grid = np.concatenate([np.concatenate(list(top), 1), np.concatenate(list(bottom), 1)], 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _train_one(kind: str, model_cfg: VQModelConfig, train_cfg: TrainConfig, objective, train_files, val_files,
+               decode, work_dir: Path, device, scene: bool, store: ArtifactStore, create_kwargs: dict,
+               channels: int, extra: dict) -> Artifact:
+    loop = TrainLoop(train_cfg, objective, work_dir, kind, device)
+    seed = train_cfg.seed
+
+    def data(position: int):
+        return batches(sample_stream(train_files, seed, position, train_cfg.shuffle_buffer), train_cfg.batch_size,
+                       decode)
+
+    figures = loop.run(data)
+    model = loop.trained("vq")
+    metrics, first = evaluate(model, val_files or train_files, decode, train_cfg.batch_size, scene, device)
+    with store.create(kind, **create_kwargs) as out:
+        save_pretrained(model, out.path, channels, channels, extra)
+        if first is not None:
+            save_preview(*first, out.path / PREVIEW_DIR / "reconstructions.png", scene)
+        tb = work_dir / "tensorboard"
+        if tb.is_dir():
+            for f in tb.iterdir():
+                (out.path / "tensorboard").mkdir(exist_ok=True)
+                (out.path / "tensorboard" / f.name).write_bytes(f.read_bytes())
+        out.metrics = {**metrics, "steps": loop.step,
+                       **{f"train_{k}": round(v, 4) for k, v in figures.items() if "/" not in k}}
+        out.details = {"resolution": model_cfg.resolution, "token_side": model_cfg.token_side,
+                       "codebook_size": model_cfg.codebook_size, "val_split": "val" if val_files else "train"}
+    log.info("%s: val %s", kind, metrics)
+    return out.artifact
 
 
 def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> list[Artifact]:
-    """Not built yet."""
-    raise NotImplementedError(f"stage '{NAME}' is not implemented yet: issue #5 builds it")
+    """Train and commit vqgan-low, vqgan-high and vqseg (each skipped if already committed at this version)."""
+    c = config.train_vqgan
+    shards, segments = inputs["shards"], inputs["segments"]
+    input_versions = {"shards": shards.version, "segments": segments.version}
+    create_kwargs = {"stage": NAME, "config": config_of(config), "inputs": input_versions,
+                     "code_version": CODE_VERSION}
+    version = store.version_of(NAME, config_of(config), input_versions, CODE_VERSION)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    perceptual = None
+    if c.loss.vgg_weights and c.loss.perceptual_weight:
+        from muse.models.perceptual import load_lpips
+
+        perceptual = load_lpips(c.loss.vgg_weights).to(device)
+    else:
+        log.info("train-vqgan: no VGG weights (train_vqgan.loss.vgg_weights): training without LPIPS")
+
+    def files(art: Artifact, split: str) -> list[Path]:
+        return sorted((art.path / split).glob("*.tar"))
+
+    out = []
+    for kind, tokenizer, model_cfg in (("vqgan-low", "low", c.low), ("vqgan-high", "high", c.high)):
+        if store.has(kind, version):
+            out.append(store.get(kind, version))
+            continue
+        seed_everything(c.train.seed)
+        objective = ImageObjective(VQModel(model_cfg).to(device), c.loss, perceptual)
+        if "disc" in objective.modules:
+            objective.disc.to(device)
+        out.append(_train_one(kind, model_cfg, c.train_for(tokenizer), objective, files(shards, "train"), files(shards, "val"),
+                              image_decoder(model_cfg.resolution), store.work_dir(kind, version), device, False,
+                              store, create_kwargs, 3, {"input": "rgb in [-1, 1]"}))
+
+    if store.has("vqseg", version):
+        out.append(store.get("vqseg", version))
+    else:
+        space = build_label_space(config.segment.dataset_classes)
+        channels = space.size + 1
+        weights = torch.tensor([c.face_class_weight if g == "face" else 1.0 for g in space.groups])
+        seed_everything(c.train.seed)
+        model = VQModel(c.seg, channels, channels).to(device)
+        out.append(_train_one("vqseg", c.seg, c.train_for("seg"), SceneObjective(model, weights), files(segments, "train"),
+                              files(segments, "val"), scene_decoder(c.seg.resolution, space.size),
+                              store.work_dir("vqseg", version), device, True, store, create_kwargs, channels,
+                              {"input": "one-hot labels then edge", "label_space": space.to_json()}))
+    return out

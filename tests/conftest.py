@@ -16,6 +16,10 @@ SMALL = [
     "shard.workers=1",
     "shard.samples_per_shard=10",
     "shard.val_fraction=0.25",
+    "train_vqgan.seg.resolution=32",
+    "train_vqgan.train.steps=4",
+    "train_vqgan.train.batch_size=4",
+    "train_vqgan.overrides={}",
 ]
 
 

@@ -60,7 +60,9 @@ def test_serve_and_deployment_run(tmp_path):
         for name in ("muse/full-train", "muse/shard", "muse/finetune-decoder", "muse/evaluate"):
             assert name in ls
 
-        small = '["demo.num_samples=16", "train_vqgan.low.resolution=32", "train_vqgan.high.resolution=32"]'
+        small = ('["demo.num_samples=16", "train_vqgan.low.resolution=32", "train_vqgan.high.resolution=32", '
+                 '"train_vqgan.seg.resolution=32", "train_vqgan.train.steps=2", "train_vqgan.train.batch_size=2", '
+                 '"train_vqgan.overrides={}"]')
         run = cli("deployment", "run", "muse/shard", "-p", f"overrides={small}", "--watch")
         assert run.returncode == 0, run.stdout + run.stderr
         assert ArtifactStore(store).get("shards").manifest.metrics["written"] == 16
@@ -68,7 +70,7 @@ def test_serve_and_deployment_run(tmp_path):
         # full-train: the run is created and executed; it fails loudly at the first unbuilt stage.
         run = cli("deployment", "run", "muse/full-train", "-p", f"overrides={small}", "--watch")
         assert run.returncode != 0
-        assert "stage 'train-vqgan' is not implemented yet" in (tmp_path / "serve.log").read_text()
+        assert "stage 'tokenize' is not implemented yet" in (tmp_path / "serve.log").read_text()
         runs = cli("flow-run", "ls").stdout
         assert "COMPLETED" in runs and "FAILED" in runs, runs
     finally:

@@ -1,0 +1,216 @@
+"""VQGAN: a convolutional encoder, a vector-quantized bottleneck, a convolutional decoder.
+
+Taming-transformers' layout: per level `num_res_blocks` ResBlocks (GroupNorm + SiLU),
+self-attention at the listed feature-map sides, a stride-2 downsampling between
+levels; a ResBlock-attention-ResBlock middle; the decoder mirrors it with nearest
+upsampling. The codebook is `vector-quantize-pytorch`'s: latents are projected to
+low-dimensional (optionally l2-normalised) codes, EMA-updated, with dead-code
+restarts. Images are in [-1, 1]; token ids are the codebook indices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vector_quantize_pytorch import VectorQuantize
+
+from muse.config import VQModelConfig
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels // 4) if channels >= 8 else 1, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv twice, plus the input (projected when the width changes)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
+            norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1),
+        )
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.block(x)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions of a feature map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+def _level(cin: int, cout: int, blocks: int, attn: bool) -> tuple[list[nn.Module], int]:
+    layers: list[nn.Module] = []
+    for _ in range(blocks):
+        layers.append(ResBlock(cin, cout))
+        cin = cout
+        if attn:
+            layers.append(AttnBlock(cout))
+    return layers, cout
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQModelConfig, in_channels: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, cfg.ch, 3, padding=1)]
+        cin, side = cfg.ch, cfg.resolution
+        for i, mult in enumerate(cfg.ch_mult):
+            level, cin = _level(cin, cfg.ch * mult, cfg.num_res_blocks, side in cfg.attn_resolutions)
+            layers += level
+            if i < len(cfg.ch_mult) - 1:
+                layers.append(nn.Conv2d(cin, cin, 3, stride=2, padding=1))
+                side //= 2
+        layers += [ResBlock(cin, cin), AttnBlock(cin), ResBlock(cin, cin), norm(cin), nn.SiLU(),
+                   nn.Conv2d(cin, cfg.embed_dim, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder; `extra_res_blocks` and `width_mult` build the larger finetuned decoder."""
+
+    def __init__(self, cfg: VQModelConfig, out_channels: int, extra_res_blocks: int = 0, width_mult: float = 1.0):
+        super().__init__()
+        ch = int(round(cfg.ch * width_mult / 8)) * 8
+        cin = ch * cfg.ch_mult[-1]
+        side = cfg.token_side
+        layers: list[nn.Module] = [nn.Conv2d(cfg.embed_dim, cin, 3, padding=1),
+                                   ResBlock(cin, cin), AttnBlock(cin), ResBlock(cin, cin)]
+        for i, mult in reversed(list(enumerate(cfg.ch_mult))):
+            level, cin = _level(cin, ch * mult, cfg.num_res_blocks + 1 + extra_res_blocks,
+                                side in cfg.attn_resolutions)
+            layers += level
+            if i > 0:
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cin, 3, padding=1)]
+                side *= 2
+        layers += [norm(cin), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+        self.conv_out = nn.Conv2d(cin, out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.net(z))
+
+
+class VQModel(nn.Module):
+    """Encoder -> quant conv -> codebook -> post-quant conv -> decoder."""
+
+    def __init__(self, cfg: VQModelConfig, in_channels: int = 3, out_channels: int = 3):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg, in_channels)
+        self.quant_conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 1)
+        self.quantizer = VectorQuantize(
+            dim=cfg.embed_dim, codebook_size=cfg.codebook_size, codebook_dim=cfg.code_dim,
+            use_cosine_sim=cfg.use_cosine_sim, ema_update=cfg.ema_update, learnable_codebook=not cfg.ema_update,
+            decay=cfg.decay, threshold_ema_dead_code=cfg.threshold_ema_dead_code, kmeans_init=cfg.kmeans_init,
+            rotation_trick=cfg.rotation_trick, commitment_weight=cfg.commitment_weight, accept_image_fmap=True,
+        )
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 1)
+        self.decoder = Decoder(cfg, out_channels)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images [B, C, H, W] -> (quantized latents, token ids [B, h, w], codebook + commitment loss)."""
+        quantized, codes, vq_loss = self.quantizer(self.quant_conv(self.encoder(x)))
+        return quantized, codes, vq_loss
+
+    def decode(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(quantized))
+
+    def codes_to_latents(self, codes: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, h, w] -> the quantized latents the encoder would have produced for them."""
+        return self.quantizer.project_out(self.quantizer.codebook[codes]).permute(0, 3, 1, 2)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.codes_to_latents(codes))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        quantized, codes, vq_loss = self.encode(x)
+        return self.decode(quantized), codes, vq_loss
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output conv weight: where the adaptive GAN weight compares gradients."""
+        return self.decoder.conv_out.weight
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: strided 4x4 convs with BatchNorm and LeakyReLU; one logit per patch."""
+
+    def __init__(self, in_channels: int = 3, ch: int = 64, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(in_channels, ch, 4, 2, 1), nn.LeakyReLU(0.2)]
+        cin = ch
+        for i in range(1, layers + 1):
+            cout = ch * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            mods += [nn.Conv2d(cin, cout, 4, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2)]
+            cin = cout
+        mods.append(nn.Conv2d(cin, 1, 4, 1, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: push real logits above 1 and fake below -1."""
+    return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
+
+
+def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                    max_weight: float = 1e4) -> torch.Tensor:
+    """lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last layer (taming's balance)."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, max_weight).detach()
+
+
+# ----------------------------------------------------------------------------- saving and loading
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_pretrained(model: VQModel, directory, in_channels: int, out_channels: int, extra: dict | None = None) -> None:
+    """`model.safetensors` + `config.json` (geometry, channels, anything in `extra`) into a directory."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, directory / WEIGHTS_FILE)
+    config = {"model": model.cfg.model_dump(mode="json"), "in_channels": in_channels,
+              "out_channels": out_channels, **(extra or {})}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def from_pretrained(directory) -> VQModel:
+    """A VQModel in eval mode from a directory written by `save_pretrained` (e.g. a vqgan-* artifact)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    model = VQModel(VQModelConfig.model_validate(config["model"]), config["in_channels"], config["out_channels"])
+    model.load_state_dict(load_file(directory / WEIGHTS_FILE))
+    return model.eval()

@@ -1,0 +1,237 @@
+"""The training loop every training stage shares: optimizers, schedule, EMA, precision, checkpoints, logs.
+
+A stage supplies an `Objective`: the modules to train, which optimizer updates
+which modules, and `losses(batch, step)` returning one loss per optimizer (plus
+figures to log). The loop owns everything else, torchtitan-style, so models stay
+free of training concerns:
+
+- AdamW per optimizer, linear warmup then cosine or constant LR, grad clipping;
+- gradient accumulation; bf16 autocast on GPU, fp32 on CPU;
+- EMA copies of chosen modules;
+- checkpoints in the artifact's `.work/` dir (modules, optimizers, schedules, EMA,
+  step, data position, RNG states), written atomically; a rerun resumes from the
+  last one and continues exactly as if never interrupted;
+- a non-finite loss stops training with an error naming the step, the last good
+  checkpoint untouched;
+- progress bar, logged figures (losses, samples/s, ETA) and TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from muse.config import TrainConfig
+
+log = logging.getLogger("muse.training")
+CHECKPOINT = "checkpoint.pt"
+
+
+class Objective(Protocol):
+    modules: dict[str, nn.Module]  # everything trained and checkpointed
+    optimizers: dict[str, list[str]]  # optimizer name -> the modules it updates
+    ema: list[str]  # modules that also get an EMA copy
+
+    def losses(self, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """One scalar per optimizer name (backpropagated into its modules only) plus extra figures to log."""
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine to 0 over the remaining steps (or constant)."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class TrainLoop:
+    """Runs an Objective for `cfg.steps` optimizer steps, checkpointing into `work_dir`."""
+
+    def __init__(self, cfg: TrainConfig, objective: Objective, work_dir: Path, name: str,
+                 device: torch.device | str = "cpu"):
+        self.cfg, self.objective, self.work_dir, self.name = cfg, objective, Path(work_dir), name
+        self.device = torch.device(device)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.optimizers = {
+            opt: torch.optim.AdamW(
+                [p for m in mods for p in objective.modules[m].parameters() if p.requires_grad],
+                lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+            )
+            for opt, mods in objective.optimizers.items()
+        }
+        self.schedules = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for k, o in self.optimizers.items()}
+        self.ema = {m: copy.deepcopy(objective.modules[m]).eval().requires_grad_(False) for m in objective.ema} \
+            if cfg.ema_decay > 0 else {}
+        self.step = 0
+        self.position = 0  # samples consumed: where the data stream resumes
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.work_dir / CHECKPOINT
+
+    def save(self) -> None:
+        """Write the checkpoint atomically: a crash mid-write leaves the previous one intact."""
+        state = {
+            "step": self.step, "position": self.position, "rng": _rng_state(),
+            "modules": {k: m.state_dict() for k, m in self.objective.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedules": {k: s.state_dict() for k, s in self.schedules.items()},
+            "ema": {k: m.state_dict() for k, m in self.ema.items()},
+        }
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def resume(self) -> bool:
+        """Load the last checkpoint if there is one; True when resumed."""
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        for k, m in self.objective.modules.items():
+            m.load_state_dict(state["modules"][k])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedules.items():
+            s.load_state_dict(state["schedules"][k])
+        for k, m in self.ema.items():
+            m.load_state_dict(state["ema"][k])
+        self.step, self.position = state["step"], state["position"]
+        _set_rng_state(state["rng"])
+        log.info("%s: resumed from %s at step %d", self.name, self.checkpoint_path, self.step)
+        return True
+
+    # ------------------------------------------------------------------ training
+
+    def _update_ema(self) -> None:
+        d = self.cfg.ema_decay
+        with torch.no_grad():
+            for name, ema in self.ema.items():
+                live = self.objective.modules[name].state_dict()
+                for k, v in ema.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        v.mul_(d).add_(live[k].detach(), alpha=1 - d)
+                    else:
+                        v.copy_(live[k])
+
+    def run(self, data: Callable[[int], Iterator[torch.Tensor]], max_steps: int | None = None) -> dict[str, float]:
+        """Train until cfg.steps (or stop early after `max_steps` more, for tests); returns the last figures.
+
+        `data(position)` returns an iterator of micro-batches starting after `position` samples.
+        """
+        cfg = self.cfg
+        self.resume()
+        end = cfg.steps if max_steps is None else min(cfg.steps, self.step + max_steps)
+        batches = data(self.position)
+        params = {opt: [p for m in mods for p in self.objective.modules[m].parameters() if p.requires_grad]
+                  for opt, mods in self.objective.optimizers.items()}
+        writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(self.work_dir / "tensorboard"), purge_step=self.step)
+        except ImportError:  # tensorboard is optional
+            pass
+        figures: dict[str, float] = {}
+        start_step, t0 = self.step, time.perf_counter()
+        bar = tqdm(total=end, initial=self.step, desc=self.name, unit="step", mininterval=2.0)
+        for m in self.objective.modules.values():
+            m.train()
+        try:
+            while self.step < end:
+                sums: dict[str, float] = {}
+                samples = 0
+                for _ in range(cfg.grad_accum):
+                    batch = next(batches).to(self.device)
+                    samples += batch.shape[0]
+                    with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                        enabled=self.autocast_dtype is not None):
+                        losses = self.objective.losses(batch, self.step)
+                    for k, v in losses.items():
+                        value = float(v.detach())
+                        if not math.isfinite(value):
+                            last = f"step {self.step - self.step % cfg.checkpoint_every}" \
+                                if self.checkpoint_path.is_file() else "none"
+                            raise FloatingPointError(
+                                f"{self.name}: non-finite {k} ({value}) at step {self.step}; "
+                                f"training stopped, last good checkpoint: {last} ({self.checkpoint_path})"
+                            )
+                        sums[k] = sums.get(k, 0.0) + value / cfg.grad_accum
+                    for opt, ps in params.items():
+                        if opt in losses and losses[opt].requires_grad:
+                            (losses[opt] / cfg.grad_accum).backward(inputs=ps)
+                for opt, o in self.optimizers.items():
+                    if cfg.grad_clip > 0:
+                        sums[f"grad_norm/{opt}"] = float(torch.nn.utils.clip_grad_norm_(params[opt], cfg.grad_clip))
+                    o.step()
+                    o.zero_grad(set_to_none=True)
+                    self.schedules[opt].step()
+                self._update_ema()
+                self.step += 1
+                self.position += samples
+                bar.update(1)
+                figures = sums
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    elapsed = time.perf_counter() - t0
+                    rate = (self.step - start_step) / max(elapsed, 1e-9)
+                    figures["samples_per_s"] = rate * samples
+                    figures["lr"] = self.schedules[next(iter(self.schedules))].get_last_lr()[0]
+                    eta = (end - self.step) / max(rate, 1e-9)
+                    log.info("%s step %d/%d  %s  %.1f samples/s  ETA %.0fs", self.name, self.step, end,
+                             "  ".join(f"{k}={v:.4g}" for k, v in sums.items()), figures["samples_per_s"], eta)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in list(sums.items())[:3]})
+                    if writer is not None:
+                        for k, v in figures.items():
+                            writer.add_scalar(f"{self.name}/{k}", v, self.step)
+                if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                    self.save()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        return figures
+
+    def trained(self, name: str) -> nn.Module:
+        """The module to export: its EMA copy when EMA is on, else the live one."""
+        return self.ema.get(name, self.objective.modules[name])
