@@ -160,8 +160,16 @@ class ArtifactStore:
         pointer = self.root / kind / "latest"
         return pointer.read_text().strip() if pointer.is_file() else None
 
+    @property
+    def location(self) -> str:
+        """Where the store lives, as users pass it to --store."""
+        return str(self.root)
+
     def get(self, kind: str, version: str | None = None) -> Artifact:
         """An artifact by kind and version, `vN` sequence number, or `latest` (the default)."""
+        return self._find(kind, version)
+
+    def _find(self, kind: str, version: str | None) -> Artifact:
         if version in (None, "", "latest"):
             latest = self.latest_version(kind)
             if latest is None:
@@ -189,7 +197,7 @@ class ArtifactStore:
         lines = [f"{'  ' * depth}{artifact.manifest.label}  [{artifact.manifest.stage}]"]
         for kind, version in sorted(artifact.manifest.inputs.items()):
             try:
-                lines += self.lineage(self.get(kind, version), depth + 1)
+                lines += self.lineage(self._find(kind, version), depth + 1)
             except MissingArtifact:
                 lines.append(f"{'  ' * (depth + 1)}{kind}:{version}  (missing from store)")
         return lines

@@ -13,7 +13,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from muse.artifacts.publish import publish
-from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact, default_root
+from muse.artifacts.remote import open_store
+from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact
 from muse.config import PipelineConfig, load_config
 
 from .dag import FULL_TRAIN, PRODUCER, STAGES, TARGETS, stages_for, upstream_stages
@@ -35,7 +36,7 @@ def resolve_inputs(
         except MissingArtifact:
             what = f"{kind}:{version}" if version else f"a '{kind}' artifact"
             raise MissingInput(
-                f"stage '{name}' needs {what}, which is not in the store {store.root}: "
+                f"stage '{name}' needs {what}, which is not in the store {store.location}: "
                 f"run `muse run {PRODUCER[kind]}` first (or `muse run {FULL_TRAIN}`)"
             ) from None
     return inputs
@@ -53,7 +54,7 @@ def run_stage(
     """Run one stage unless its outputs already exist; returns {kind: version} of its outputs."""
     logger = get_run_logger()
     stage = STAGES[name]
-    store = ArtifactStore(store_root)
+    store = open_store(store_root)
     produced = {k: v for refs in upstream for k, v in refs.items()}
     inputs = resolve_inputs(name, store, produced, pinned)
     input_versions = {kind: a.version for kind, a in inputs.items()}
@@ -109,7 +110,7 @@ def muse(
     config = load_config(preset, config_file, overrides or [])
     if source is not None:
         config.shard.source = source
-    root = str(default_root(store))
+    root = open_store(store).location
     get_run_logger().info("target %s: stages %s; store %s", target, ", ".join(names), root)
 
     futures = {}

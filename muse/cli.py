@@ -14,7 +14,8 @@ from muse.config import ConfigError, dump_config, load_config, preset_names
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", metavar="DIR", help="artifact store root (default: $MUSE_STORE or ./store)")
+    p.add_argument("--store", metavar="DIR", help="artifact store: a folder or an fsspec URL such as s3://bucket/muse "
+                   "(default: $MUSE_STORE or ./store)")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -62,16 +63,16 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace):
-    from muse.artifacts.store import ArtifactStore, default_root
+    from muse.artifacts.remote import open_store
 
-    return ArtifactStore(default_root(args.store))
+    return open_store(args.store)
 
 
 def cmd_artifacts_ls(args: argparse.Namespace) -> int:
     store = _store(args)
     arts = store.list(args.kind)
     if not arts:
-        print(f"no artifacts{' of kind ' + args.kind if args.kind else ''} in {store.root}")
+        print(f"no artifacts{' of kind ' + args.kind if args.kind else ''} in {store.location}")
         return 0
     print(f"{'KIND':<18} {'SEQ':>4}  {'VERSION':<12}  {'CREATED':<19}  {'FILES':>5} {'BYTES':>13}  STAGE")
     for a in arts:
