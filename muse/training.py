@@ -102,6 +102,7 @@ class TrainLoop:
             if cfg.ema_decay > 0 else {}
         self.step = 0
         self.position = 0  # samples consumed: where the data stream resumes
+        self.saved_step: int | None = None  # step of the checkpoint on disk
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
 
@@ -123,6 +124,7 @@ class TrainLoop:
         tmp = self.checkpoint_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint_path)
+        self.saved_step = self.step
 
     def resume(self) -> bool:
         """Load the last checkpoint if there is one; True when resumed."""
@@ -138,6 +140,7 @@ class TrainLoop:
         for k, m in self.ema.items():
             m.load_state_dict(state["ema"][k])
         self.step, self.position = state["step"], state["position"]
+        self.saved_step = self.step
         _set_rng_state(state["rng"])
         log.info("%s: resumed from %s at step %d", self.name, self.checkpoint_path, self.step)
         return True
@@ -191,8 +194,7 @@ class TrainLoop:
                     for k, v in losses.items():
                         value = float(v.detach())
                         if not math.isfinite(value):
-                            last = f"step {self.step - self.step % cfg.checkpoint_every}" \
-                                if self.checkpoint_path.is_file() else "none"
+                            last = "none" if self.saved_step is None else f"step {self.saved_step}"
                             raise FloatingPointError(
                                 f"{self.name}: non-finite {k} ({value}) at step {self.step}; "
                                 f"training stopped, last good checkpoint: {last} ({self.checkpoint_path})"

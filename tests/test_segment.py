@@ -104,6 +104,11 @@ def test_missing_extras_name_what_to_install():
         FaceSegmenter(FaceSegmenterConfig(), SPACE, "cpu")
     with pytest.raises(ValueError, match="segment.human.weights"):
         HumanSegmenter(HumanSegmenterConfig(), SPACE, "cpu")
+    # The stage checks before starting Ray, without loading any model.
+    from muse.config import load_config
+
+    with pytest.raises(MissingExtra, match="detectron2"):
+        segment._check_segmenters(load_config("tiny", overrides=["segment.segmenters=[panoptic]"]).segment)
 
 
 def test_human_parser_runs_on_random_weights():

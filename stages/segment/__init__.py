@@ -31,7 +31,7 @@ from muse.datasets.shards import SPLITS, read_samples, shard_files
 from muse.ray_runtime import gpus_per_actor, init_ray
 
 from .merge import SegmentMaps, merge
-from .segmenters import ROLES, SceneInput, build_segmenter
+from .segmenters import ROLES, SceneInput, build_segmenter, require_extra
 
 NAME = "segment"
 INPUTS: tuple[str, ...] = ("shards",)
@@ -220,11 +220,9 @@ def _preview(shards: Artifact, maps: dict[str, tuple[bytes, bytes]], space: Labe
 
 
 def _check_segmenters(c: SegmentConfig) -> None:
-    """Fail before Ray starts when a segmenter cannot be built here (missing extra, missing weights)."""
-    space = build_label_space(c.dataset_classes)
+    """Fail before Ray starts when a segmenter cannot be built (missing extra or weights); loads no model."""
     for name in c.segmenters:
-        if name in ("panoptic", "face"):
-            build_segmenter(name, c, space, "cpu")  # imports the extra; raises MissingExtra when absent
+        require_extra(name)
         if name == "human" and c.human.weights is None and not c.human.allow_random_weights:
             raise ValueError("segmenter 'human' needs segment.human.weights (an SCHP LIP checkpoint path)")
 

@@ -49,6 +49,25 @@ class Segmenter(Protocol):
     def __call__(self, batch: list[SceneInput]) -> list[SegmentMaps]: ...
 
 
+def require_extra(name: str) -> None:
+    """Import the optional package segmenter `name` needs; MissingExtra naming the extra when absent."""
+    try:
+        if name == "panoptic":
+            import detectron2  # noqa: F401
+        elif name == "face":
+            import face_alignment  # noqa: F401
+    except ImportError:
+        if name == "panoptic":
+            raise MissingExtra(
+                "segmenter 'panoptic' needs detectron2, which is not installed. It is not on PyPI: "
+                "pip install 'muse-pipeline[detectron2]' (builds it from GitHub; needs a compiler and torch), "
+                "see README 'Scene segmenters'"
+            ) from None
+        raise MissingExtra(
+            "segmenter 'face' needs face-alignment, which is not installed: pip install 'muse-pipeline[face]'"
+        ) from None
+
+
 # ----------------------------------------------------------------------------- masks (ground truth)
 
 
@@ -118,16 +137,11 @@ class PanopticSegmenter:
     role = "base"
 
     def __init__(self, config: PanopticSegmenterConfig, space: LabelSpace, device: str):
-        try:
-            from detectron2 import model_zoo
-            from detectron2.config import get_cfg
-            from detectron2.engine import DefaultPredictor
-        except ImportError:
-            raise MissingExtra(
-                "segmenter 'panoptic' needs detectron2, which is not installed. It is not on PyPI: "
-                "pip install 'muse-pipeline[detectron2]' (builds it from GitHub; needs a compiler and torch), "
-                "see README 'Scene segmenters'"
-            ) from None
+        require_extra("panoptic")
+        from detectron2 import model_zoo
+        from detectron2.config import get_cfg
+        from detectron2.engine import DefaultPredictor
+
         cfg = get_cfg()
         cfg.merge_from_file(model_zoo.get_config_file(config.config_name))
         cfg.MODEL.WEIGHTS = config.weights or model_zoo.get_checkpoint_url(config.config_name)
@@ -212,12 +226,9 @@ class FaceSegmenter:
     role = "face"
 
     def __init__(self, config: FaceSegmenterConfig, space: LabelSpace, device: str):
-        try:
-            import face_alignment
-        except ImportError:
-            raise MissingExtra(
-                "segmenter 'face' needs face-alignment, which is not installed: pip install 'muse-pipeline[face]'"
-            ) from None
+        require_extra("face")
+        import face_alignment
+
         self.fa = face_alignment.FaceAlignment(
             face_alignment.LandmarksType.TWO_D, device=device, face_detector=config.face_detector
         )
