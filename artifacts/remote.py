@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -155,12 +154,6 @@ class RemoteArtifactStore(ArtifactStore):
         super()._set_latest(kind, version)
         if self.fs.exists(self._r(kind, version, MANIFEST_NAME)):
             self.fs.pipe_file(self._r(kind, "latest"), (version + "\n").encode())
-
-    def clear_mirror(self) -> None:
-        """Drop the local copies (not `.work/`); they are pulled again on use."""
-        for p in self.root.iterdir() if self.root.is_dir() else []:
-            if p.name not in (".work", ".lock"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
 
 
 def open_store(location: str | os.PathLike | None = None) -> ArtifactStore:

@@ -16,7 +16,6 @@ cross-entropy over labels (face parts weighted up) + BCE on edges, no GAN.
 from __future__ import annotations
 
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Callable
