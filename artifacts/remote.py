@@ -158,7 +158,5 @@ class RemoteArtifactStore(ArtifactStore):
 
 def open_store(location: str | os.PathLike | None = None) -> ArtifactStore:
     """The store at `location` (else $MUSE_STORE, else ./store): local path or fsspec URL."""
-    from .store import default_root
-
     text = str(location or os.environ.get("MUSE_STORE") or "store")
-    return RemoteArtifactStore(text) if is_remote(text) else ArtifactStore(default_root(text))
+    return RemoteArtifactStore(text) if is_remote(text) else ArtifactStore(text)

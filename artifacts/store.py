@@ -312,7 +312,3 @@ class ArtifactStore:
         with self._lock():
             self._set_latest(kind, version)
 
-
-def default_root(store: str | os.PathLike | None = None) -> Path:
-    """The store root: the explicit argument, else env MUSE_STORE, else ./store."""
-    return Path(store or os.environ.get("MUSE_STORE") or "store").expanduser().resolve()

@@ -13,7 +13,10 @@ readable without this code.
 
 from __future__ import annotations
 
+import colorsys
 from dataclasses import dataclass
+
+import numpy as np
 
 COCO_THINGS = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -103,3 +106,10 @@ def build_label_space(dataset_classes: list[str] | tuple[str, ...] = ()) -> Labe
         *["face"] * len(FACE_PARTS), *["dataset"] * len(dataset_classes),
     )
     return LabelSpace(tuple(names), tuple(groups))
+
+
+def palette(size: int) -> np.ndarray:
+    """[size, 3] uint8 colours for label ids, stable and well spread (golden-ratio hues); void is black."""
+    hues = [(i * 0.618034) % 1 for i in range(1, size)]
+    colours = [(0, 0, 0)] + [tuple(int(255 * v) for v in colorsys.hsv_to_rgb(h, 0.65, 0.95)) for h in hues]
+    return np.array(colours, np.uint8)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
 from muse.config import PipelineConfig, TrainConfig, VQLossConfig, VQModelConfig
-from muse.datasets.labels import build_label_space
+from muse.datasets.labels import build_label_space, palette
 from muse.datasets.stream import batches, iter_tar, sample_stream
 from muse.models.vqgan import PatchDiscriminator, VQModel, adaptive_weight, hinge_d_loss, save_pretrained
 from muse.training import TrainLoop, seed_everything
@@ -200,17 +201,10 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-def _palette(n: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    pal = rng.integers(40, 255, (n, 3)).astype(np.uint8)
-    pal[0] = 0
-    return pal
-
-
 def save_preview(inputs: torch.Tensor, recon: torch.Tensor, path: Path, scene: bool) -> None:
     """Top row inputs, bottom row reconstructions (scene maps colourised)."""
     if scene:
-        pal = _palette(inputs.shape[1] - 1)
+        pal = palette(inputs.shape[1] - 1)
         top, bottom = pal[inputs[:, :-1].argmax(1).numpy()], pal[recon[:, :-1].argmax(1).numpy()]
     else:
         top, bottom = _to_uint8(inputs), _to_uint8(recon)
@@ -239,11 +233,8 @@ def _train_one(kind: str, model_cfg: VQModelConfig, train_cfg: TrainConfig, obje
         save_pretrained(model, out.path, channels, channels, extra)
         if first is not None:
             save_preview(*first, out.path / PREVIEW_DIR / "reconstructions.png", scene)
-        tb = work_dir / "tensorboard"
-        if tb.is_dir():
-            for f in tb.iterdir():
-                (out.path / "tensorboard").mkdir(exist_ok=True)
-                (out.path / "tensorboard" / f.name).write_bytes(f.read_bytes())
+        if (work_dir / "tensorboard").is_dir():
+            shutil.copytree(work_dir / "tensorboard", out.path / "tensorboard")
         out.metrics = {**metrics, "steps": loop.step,
                        **{f"train_{k}": round(v, 4) for k, v in figures.items() if "/" not in k}}
         out.details = {"resolution": model_cfg.resolution, "token_side": model_cfg.token_side,

@@ -26,7 +26,7 @@ from PIL import Image
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
 from muse.config import PipelineConfig, SegmentConfig
-from muse.datasets.labels import LabelSpace, build_label_space
+from muse.datasets.labels import LabelSpace, build_label_space, palette
 from muse.datasets.shards import SPLITS, read_samples, shard_files
 from muse.ray_runtime import gpus_per_actor, init_ray
 
@@ -191,25 +191,15 @@ def _segment_split(config: PipelineConfig, paths: list[Path]):
     return ds.iter_rows()
 
 
-def _palette(n: int) -> np.ndarray:
-    """Distinct, stable colours per label id (golden-ratio hues); void is black."""
-    import colorsys
-
-    colours = [(0, 0, 0)] + [
-        tuple(int(255 * v) for v in colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.65, 0.95)) for i in range(1, n)
-    ]
-    return np.array(colours, np.uint8)
-
-
 def _preview(shards: Artifact, maps: dict[str, tuple[bytes, bytes]], space: LabelSpace, path: Path) -> None:
     """Rows of image | label map over the image | edges for the given train samples."""
-    palette = _palette(space.size)
+    colours = palette(space.size)
     tiles = []
     for s in read_samples(shards.path, "train"):
         if s["key"] in maps:
             seg, edge = maps[s["key"]]
             rgb = np.asarray(s["image"])
-            overlay = (0.4 * rgb + 0.6 * palette[read_label_png(seg)]).astype(np.uint8)
+            overlay = (0.4 * rgb + 0.6 * colours[read_label_png(seg)]).astype(np.uint8)
             edges = np.repeat(np.asarray(Image.open(io.BytesIO(edge)))[..., None], 3, axis=2)
             tiles.append(np.concatenate([rgb, overlay, edges], axis=1))
             if len(tiles) == len(maps):
