@@ -236,13 +236,29 @@ class TrainVQGANConfig(Section):
         return self.train.model_copy(update={k: v for k, v in o.model_dump().items() if v is not None})
 
 
+class TextEncoderConfig(Section):
+    """Which text encoder turns captions into the transformers' cross-attention memory."""
+
+    kind: Literal["minilm", "clip", "t5"] = Field("minilm", description="Encoder family (see muse.models.text).")
+    model: str = Field("ViT-B-32", description="clip: open_clip model name; t5: hub name (e.g. google/t5-v1_1-base).")
+    pretrained: str | None = Field(
+        None, description="Weights: a local directory/checkpoint or an open_clip tag; None = minilm's packaged weights.")
+    tokenizer: str | None = Field(None, description="t5 only: tokenizer name/path when it differs from the model's.")
+    max_length: int = Field(32, ge=4, le=512, description="Tokens kept per caption (the memory length L).")
+    random_weights: bool = Field(False, description="Build the architecture with random weights (tests, smoke runs).")
+    random_width: int = Field(64, ge=8, description="t5 with random_weights: hidden size of the random encoder.")
+
+
 class TokenizeConfig(Section):
     """Stage `tokenize`: precompute tokens and text embeddings into parquet."""
 
-    text_encoder: Literal["minilm", "clip", "t5"] = Field("minilm", description="Text encoder family.")
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig, description="Caption encoder.")
     precompute_text: bool = Field(True, description="Store text embeddings in the parquet rows.")
     batch_size: int = Field(64, ge=1, description="Images per encoder call.")
     row_group_size: int = Field(4096, ge=1, description="Rows per parquet row group.")
+    concurrency: int = Field(1, ge=1, description="Encoder actors (each holds the VQ encoders and text encoder).")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each encoder actor reserves (its torch threads).")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per encoder actor; None = 1 when the cluster has GPUs, else 0.")
 
 
 class TransformerConfig(Section):
@@ -251,6 +267,7 @@ class TransformerConfig(Section):
     dim: int = Field(256, ge=8, description="Hidden size.")
     depth: int = Field(4, ge=1, description="Transformer blocks.")
     heads: int = Field(4, ge=1, description="Attention heads.")
+    cond_depth: int = Field(2, ge=1, description="Super-res only: blocks encoding the low-res tokens.")
 
 
 class TrainBaseConfig(Section):
@@ -259,6 +276,8 @@ class TrainBaseConfig(Section):
     model: TransformerConfig = Field(default_factory=TransformerConfig, description="Architecture.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
     text_drop_rate: float = Field(0.1, ge=0, le=1, description="Fraction of samples trained without text (CFG).")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the masked-token cross-entropy.")
+    scene_conditioning: bool = Field(False, description="Add the scene tokens (seg_tokens) to the memory.")
 
 
 class TrainSuperResConfig(Section):
@@ -267,6 +286,8 @@ class TrainSuperResConfig(Section):
     model: TransformerConfig = Field(default_factory=TransformerConfig, description="Architecture.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
     text_drop_rate: float = Field(0.1, ge=0, le=1, description="Fraction of samples trained without text (CFG).")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the masked-token cross-entropy.")
+    scene_conditioning: bool = Field(False, description="Add the scene tokens (seg_tokens) to the memory.")
 
 
 class FinetuneDecoderConfig(Section):

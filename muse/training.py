@@ -76,6 +76,20 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def to_device(batch, device: torch.device):
+    """A tensor, or a dict of tensors and other values (captions), on `device`."""
+    if isinstance(batch, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch.to(device)
+
+
+def batch_len(batch) -> int:
+    """Samples in a tensor batch or a dict batch (its first tensor's leading dimension)."""
+    if isinstance(batch, dict):
+        return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+    return batch.shape[0]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -186,8 +200,8 @@ class TrainLoop:
                 sums: dict[str, float] = {}
                 samples = 0
                 for _ in range(cfg.grad_accum):
-                    batch = next(batches).to(self.device)
-                    samples += batch.shape[0]
+                    batch = to_device(next(batches), self.device)
+                    samples += batch_len(batch)
                     with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                         enabled=self.autocast_dtype is not None):
                         losses = self.objective.losses(batch, self.step)

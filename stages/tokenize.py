@@ -1,21 +1,251 @@
-"""Stage `tokenize`: tokens and text embeddings into parquet (built by issue #6)."""
+"""Stage `tokenize`: every sample's token ids (and, optionally, caption embeddings) into parquet.
+
+One Ray Data row per input shard; an actor pool whose actors hold the VQ encoders and
+the text encoder (GPU when the cluster has one) turns a shard into one parquet file
+with the same name (`train/00000.parquet` for `train/00000.tar`), writing a row group
+every `row_group_size` rows, so memory stays flat however large the dataset and a rerun
+or a bigger cluster stays parallel per shard. Actors write into the artifact's staging
+directory: on a multi-node cluster the store must be on storage every node sees.
+
+Columns (DESIGN.md "Data formats"): key, caption, split, tokens_low, tokens_high,
+seg_tokens (null where segmentation failed), text_emb (float16, padded to
+max_length x dim) + text_len when `precompute_text`. The manifest and `_schema.json`
+record the token geometry, codebook sizes and the text encoder.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
 from muse.artifacts.store import Artifact, ArtifactStore
-from muse.config import PipelineConfig
+from muse.config import PipelineConfig, TokenizeConfig
+from muse.datasets.decode import image_bytes, image_tensor, scene_tensor
+from muse.datasets.shards import SPLITS, shard_files
+from muse.datasets.stream import iter_tar
+from muse.datasets.tokens import SCHEMA_FILE, TOKEN_COLUMNS
+from muse.models.text import load_text_encoder
+from muse.models.vqgan import from_pretrained
+from muse.ray_runtime import gpus_per_actor, init_ray
 
 NAME = "tokenize"
 INPUTS: tuple[str, ...] = ("shards", "segments", "vqgan-low", "vqgan-high", "vqseg")
 OUTPUTS: tuple[str, ...] = ("tokens",)
-CODE_VERSION = "0"
+CODE_VERSION = "1"
+
+log = logging.getLogger("muse.stages.tokenize")
 
 
 def config_of(config: PipelineConfig) -> dict:
-    """The resolved config this stage's outputs depend on."""
-    return config.tokenize.model_dump(mode="json")
+    """What changes the rows: the text encoder and whether embeddings are stored (not batching or actors)."""
+    c = config.tokenize
+    return {"text_encoder": c.text_encoder.model_dump(mode="json"), "precompute_text": c.precompute_text,
+            "row_group_size": c.row_group_size}
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> list[Artifact]:
-    """Not built yet."""
-    raise NotImplementedError(f"stage '{NAME}' is not implemented yet: issue #6 builds it")
+def schema(geometry: dict[str, dict], text: dict | None) -> pa.Schema:
+    """The parquet schema for this token geometry (and text embedding shape when stored)."""
+    fields = [pa.field("key", pa.string(), nullable=False), pa.field("caption", pa.string(), nullable=False),
+              pa.field("split", pa.string(), nullable=False)]
+    for column in TOKEN_COLUMNS:
+        side = geometry[column]["side"]
+        fields.append(pa.field(column, pa.list_(pa.uint16(), side * side), nullable=column == "seg_tokens"))
+    if text is not None:
+        fields += [pa.field("text_emb", pa.list_(pa.float16(), text["max_length"] * text["dim"]), nullable=False),
+                   pa.field("text_len", pa.int16(), nullable=False)]
+    return pa.schema(fields)
+
+
+def _column(values: list, field: pa.Field) -> pa.Array:
+    """Python/numpy values -> an arrow array of the field's type (fixed-size lists from 2-D arrays)."""
+    if isinstance(field.type, pa.FixedSizeListType) and all(v is not None for v in values):
+        flat = np.stack(values).reshape(-1)
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=field.type.value_type), field.type.list_size)
+    return pa.array([None if v is None else v.tolist() if isinstance(v, np.ndarray) else v for v in values],
+                    type=field.type)
+
+
+class ShardEncoder:
+    """Ray actor: loads the tokenizers and the text encoder once, then encodes whole shards."""
+
+    def __init__(self, models: dict[str, str], config: TokenizeConfig, num_labels: int, out_dir: str,
+                 geometry: dict, text: dict | None, device: str):
+        self.device = torch.device(device)
+        self.models = {k: from_pretrained(p).to(self.device) for k, p in models.items()}
+        self.text = load_text_encoder(config.text_encoder, self.device) if config.precompute_text else None
+        self.config, self.num_labels, self.out_dir = config, num_labels, Path(out_dir)
+        self.schema = schema(geometry, text)
+
+    @torch.no_grad()
+    def _codes(self, tokenizer: str, x: list[torch.Tensor]) -> list[np.ndarray]:
+        _, codes, _ = self.models[tokenizer].encode(torch.stack(x).to(self.device))
+        return list(codes.flatten(1).cpu().numpy().astype(np.uint16))
+
+    def _encode(self, samples: list[tuple[str, dict, dict | None]], split: str) -> dict[str, list]:
+        """A batch of raw (key, shard files, scene files or None) -> one list per parquet column."""
+        res = {k: m.cfg.resolution for k, m in self.models.items()}
+        captions = [files["txt"].decode("utf-8").strip() for _, files, _ in samples]
+        images = [image_bytes(files) for _, files, _ in samples]
+        cols: dict[str, list] = {"key": [k for k, _, _ in samples], "caption": captions, "split": [split] * len(samples)}
+        cols["tokens_low"] = self._codes("low", [image_tensor(b, res["low"]) for b in images])
+        cols["tokens_high"] = self._codes("high", [image_tensor(b, res["high"]) for b in images])
+        present = [i for i, (_, _, scene) in enumerate(samples) if scene is not None]
+        cols["seg_tokens"] = [None] * len(samples)
+        if present:
+            scenes = [scene_tensor(samples[i][2]["seg.png"], samples[i][2]["edge.png"], res["seg"], self.num_labels)
+                      for i in present]
+            for i, codes in zip(present, self._codes("seg", scenes)):
+                cols["seg_tokens"][i] = codes
+        if self.text is not None:
+            emb, mask = self.text.encode(captions)
+            padded = torch.zeros(len(samples), self.text.max_length, emb.shape[-1])
+            padded[:, :emb.shape[1]] = (emb * mask[..., None]).cpu()
+            cols["text_emb"] = list(padded.half().flatten(1).numpy())
+            cols["text_len"] = mask.sum(1).cpu().tolist()
+        return cols
+
+    def encode_shard(self, shard: Path, scenes_path: Path | None, split: str) -> dict:
+        """Encode one tar into `<split>/<name>.parquet`; returns rows, seconds and code histograms."""
+        start = time.perf_counter()
+        scenes = dict(iter_tar(scenes_path)) if scenes_path else {}
+        target = self.out_dir / split / (shard.stem + ".parquet")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        hist = {n: np.zeros(self.models[t].cfg.codebook_size, np.int64)
+                for n, t in zip(TOKEN_COLUMNS, ("low", "high", "seg"))}
+        pending: dict[str, list] = {f.name: [] for f in self.schema}
+        stats = {"rows": 0, "missing_scene": 0}
+
+        def add(batch: list) -> None:
+            cols = self._encode(batch, split)
+            for name, values in cols.items():
+                pending[name] += values
+            for name in TOKEN_COLUMNS:
+                present = [v for v in cols[name] if v is not None]
+                if present:
+                    hist[name] += np.bincount(np.concatenate(present), minlength=len(hist[name]))
+            stats["rows"] += len(batch)
+
+        def flush(writer: pq.ParquetWriter, force: bool) -> None:
+            while pending["key"] and (force or len(pending["key"]) >= self.config.row_group_size):
+                n = min(len(pending["key"]), self.config.row_group_size)
+                table = pa.Table.from_arrays([_column(pending[f.name][:n], f) for f in self.schema], schema=self.schema)
+                writer.write_table(table, row_group_size=n)
+                for values in pending.values():
+                    del values[:n]
+
+        batch: list[tuple[str, dict, dict | None]] = []
+        with pq.ParquetWriter(target, self.schema, compression="zstd") as writer:
+            for key, files in iter_tar(shard):
+                if "txt" not in files:
+                    raise ValueError(f"{shard}: sample {key!r} has no caption (txt member)")
+                scene = scenes.get(key)
+                stats["missing_scene"] += scene is None
+                batch.append((key, files, scene))
+                if len(batch) == self.config.batch_size:
+                    add(batch)
+                    batch = []
+                    flush(writer, force=False)
+            if batch:
+                add(batch)
+            flush(writer, force=True)
+        return {"file": str(target), "split": split, **stats, "seconds": time.perf_counter() - start,
+                "counts": json.dumps({k: v.tolist() for k, v in hist.items()})}
+
+    def __call__(self, batch: dict) -> dict:
+        """Ray Data: one row per shard in, one row of statistics per shard out."""
+        results = [self.encode_shard(Path(shard), Path(scenes) if scenes else None, split)
+                   for shard, scenes, split in zip(batch["shard"], batch["scenes"], batch["split"])]
+        return {k: [r[k] for r in results] for k in results[0]}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _code_stats(counts: np.ndarray) -> dict[str, float]:
+    """Codebook usage (fraction of codes seen), perplexity, and the share of the most frequent code."""
+    total = max(int(counts.sum()), 1)
+    p = counts[counts > 0] / total
+    return {"usage": round(float((counts > 0).mean()), 4), "perplexity": round(float(np.exp(-(p * np.log(p)).sum())), 2),
+            "top_code_share": round(float(counts.max() / total), 4)}
+
+
+def _geometry(inputs: dict[str, Artifact]) -> dict[str, dict]:
+    geometry = {}
+    for column, kind in zip(TOKEN_COLUMNS, ("vqgan-low", "vqgan-high", "vqseg")):
+        model = json.loads((inputs[kind].path / "config.json").read_text())["model"]
+        side = model["resolution"] // 2 ** (len(model["ch_mult"]) - 1)
+        geometry[column] = {"side": side, "codebook_size": model["codebook_size"], "resolution": model["resolution"],
+                            "tokenizer": f"{kind}:{inputs[kind].version}"}
+    return geometry
+
+
+def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+    """Encode every shard of `shards` (+ its `segments` sidecar) into the `tokens` parquet dataset."""
+    import ray
+
+    c = config.tokenize
+    shards, segments = inputs["shards"], inputs["segments"]
+    geometry = _geometry(inputs)
+    text = None
+    if c.precompute_text:  # load once here: fails fast (weights missing) before Ray starts, and gives the width
+        encoder = load_text_encoder(c.text_encoder)
+        text = {"encoder": c.text_encoder.model_dump(mode="json"), "dim": encoder.dim,
+                "max_length": encoder.max_length}
+        del encoder
+    space = json.loads((inputs["vqseg"].path / "config.json").read_text())["label_space"]
+    items = []
+    for split in SPLITS:
+        for path in shard_files(shards.path, split):
+            sidecar = segments.path / split / path.name
+            items.append({"shard": str(path), "scenes": str(sidecar) if sidecar.exists() else "", "split": split})
+    if not items:
+        raise ValueError(f"shards artifact {shards.version} has no tar files")
+    init_ray(config.ray)
+    gpus = gpus_per_actor(c.num_gpus)
+    versions = {k: a.version for k, a in inputs.items()}
+    start = time.perf_counter()
+    with store.create("tokens", stage=NAME, config=config_of(config), inputs=versions,
+                      code_version=CODE_VERSION) as out:
+        models = {"low": str(inputs["vqgan-low"].path), "high": str(inputs["vqgan-high"].path),
+                  "seg": str(inputs["vqseg"].path)}
+        ds = ray.data.from_items(items).map_batches(
+            ShardEncoder, batch_size=1, concurrency=c.concurrency, num_gpus=gpus, num_cpus=c.cpus_per_actor,
+            fn_constructor_kwargs={"models": models, "config": c, "num_labels": len(space),
+                                   "out_dir": str(out.path), "geometry": geometry, "text": text,
+                                   "device": "cuda" if gpus > 0 else "cpu"})
+        rows = {split: 0 for split in SPLITS}
+        missing = 0
+        counts = {n: np.zeros(geometry[n]["codebook_size"], np.int64) for n in TOKEN_COLUMNS}
+        done = 0
+        for result in ds.iter_rows():
+            rows[result["split"]] += result["rows"]
+            missing += result["missing_scene"]
+            for name, values in json.loads(result["counts"]).items():
+                counts[name] += np.asarray(values, np.int64)
+            done += 1
+            elapsed = time.perf_counter() - start
+            log.info("tokenize: %d/%d shards, %d rows, %.1f samples/s", done, len(items), sum(rows.values()),
+                     sum(rows.values()) / elapsed)
+        elapsed = time.perf_counter() - start
+        total = sum(rows.values())
+        sch = schema(geometry, text)
+        (out.path / SCHEMA_FILE).write_text(json.dumps(
+            {"columns": {f.name: str(f.type) for f in sch}, "geometry": geometry, "text": text,
+             "label_space": space, "row_group_size": c.row_group_size}, indent=2))
+        size = sum(p.stat().st_size for p in out.path.rglob("*.parquet"))
+        usage = {name: _code_stats(counts[name]) for name in TOKEN_COLUMNS}
+        out.metrics = {"rows": total, **{f"rows_{s}": n for s, n in rows.items()}, "missing_scene": missing,
+                       "samples_per_s": round(total / elapsed, 1),
+                       "tokens_per_s": round(total * sum(g["side"] ** 2 for g in geometry.values()) / elapsed, 1),
+                       "bytes": size, **{f"{n}_{k}": v for n, u in usage.items() for k, v in u.items()}}
+        out.details = {"geometry": geometry, "text": text, "schema": {f.name: str(f.type) for f in sch},
+                       "tables": {"codebooks": [{"column": n, **u} for n, u in usage.items()]}}
+    log.info("tokenize: %d rows in %.1fs (%d without a scene map)", total, elapsed, missing)
+    return out.artifact

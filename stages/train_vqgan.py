@@ -15,11 +15,9 @@ cross-entropy over labels (face parts weighted up) + BCE on edges, no GAN.
 
 from __future__ import annotations
 
-import io
 import logging
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,6 +27,7 @@ from torch import nn
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
 from muse.config import PipelineConfig, TrainConfig, VQLossConfig, VQModelConfig
+from muse.datasets.decode import image_decoder, scene_decoder
 from muse.datasets.labels import build_label_space, palette
 from muse.datasets.stream import batches, iter_tar, sample_stream
 from muse.models.vqgan import PatchDiscriminator, VQModel, adaptive_weight, hinge_d_loss, save_pretrained
@@ -46,39 +45,6 @@ def config_of(config: PipelineConfig) -> dict:
     """The tokenizers' config plus the label space the scene tokenizer one-hots into."""
     return {"train_vqgan": config.train_vqgan.model_dump(mode="json"),
             "dataset_classes": list(config.segment.dataset_classes)}
-
-
-# ----------------------------------------------------------------------------- decoding samples
-
-
-def image_decoder(resolution: int) -> Callable[[dict[str, bytes]], torch.Tensor]:
-    """Raw shard sample -> [3, R, R] float in [-1, 1]."""
-
-    def decode(files: dict[str, bytes]) -> torch.Tensor:
-        data = files["jpg"] if "jpg" in files else files["png"]
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        if img.size != (resolution, resolution):
-            img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(127.5).sub(1)
-
-    return decode
-
-
-def scene_decoder(resolution: int, num_labels: int) -> Callable[[dict[str, bytes]], torch.Tensor]:
-    """Raw segments sample -> [num_labels + 1, R, R]: one-hot labels, then the edge map in {0, 1}."""
-
-    def decode(files: dict[str, bytes]) -> torch.Tensor:
-        labels = Image.open(io.BytesIO(files["seg.png"]))
-        edges = Image.open(io.BytesIO(files["edge.png"]))
-        if labels.size != (resolution, resolution):
-            labels = labels.resize((resolution, resolution), Image.Resampling.NEAREST)
-            edges = edges.resize((resolution, resolution), Image.Resampling.NEAREST)
-        lab = torch.from_numpy(np.asarray(labels).astype(np.int64))
-        onehot = F.one_hot(lab, num_labels).permute(2, 0, 1).float()
-        edge = torch.from_numpy((np.asarray(edges) > 127).astype(np.float32))[None]
-        return torch.cat([onehot, edge])
-
-    return decode
 
 
 # ----------------------------------------------------------------------------- objectives

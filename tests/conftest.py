@@ -54,3 +54,20 @@ def small_config():
         return load_config("tiny", overrides=[*SMALL, *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def pipeline_store(tmp_path_factory, ray_local):
+    """One store with shards, segments, the three tokenizers (a few steps) and tokens, built once per session.
+
+    Tests that need upstream artifacts read from it; a test that writes must use its own store.
+    """
+    from muse.stages import segment, shard, tokenize, train_vqgan
+
+    cfg = load_config("tiny", overrides=[*SMALL, "tokenize.row_group_size=4", "tokenize.batch_size=3"])
+    store = ArtifactStore(tmp_path_factory.mktemp("pipeline") / "store")
+    arts = {"shards": shard.run(cfg, {}, store)}
+    arts["segments"] = segment.run(cfg, arts, store)
+    arts.update({a.kind: a for a in train_vqgan.run(cfg, arts, store)})
+    arts["tokens"] = tokenize.run(cfg, arts, store)
+    return cfg, store, arts

@@ -39,13 +39,14 @@ def test_single_stage_with_missing_input_names_the_stage_to_run_first(prefect_ap
 
 
 def test_full_train_stops_loudly_at_the_first_unbuilt_stage(prefect_api, ray_local, store):
-    with pytest.raises(NotImplementedError, match="stage 'tokenize' is not implemented yet: issue #6"):
+    with pytest.raises(NotImplementedError, match=r"is not implemented yet: issue #[78]"):
         _run(store, "full-train")
     # The stages before it committed; nothing fake after it.
-    assert store.kinds() == ["segments", "shards", "vqgan-high", "vqgan-low", "vqseg"]
+    assert store.kinds() == ["segments", "shards", "tokens", "vqgan-high", "vqgan-low", "vqseg"]
     assert store.get("segments").manifest.inputs == {"shards": store.get("shards").version}
     assert store.get("vqseg").manifest.inputs == {"shards": store.get("shards").version,
                                                   "segments": store.get("segments").version}
+    assert set(store.get("tokens").manifest.inputs) == {"shards", "segments", "vqgan-low", "vqgan-high", "vqseg"}
 
 
 def test_unknown_target_and_force(prefect_api, store):

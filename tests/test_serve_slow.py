@@ -70,7 +70,7 @@ def test_serve_and_deployment_run(tmp_path):
         # full-train: the run is created and executed; it fails loudly at the first unbuilt stage.
         run = cli("deployment", "run", "muse/full-train", "-p", f"overrides={small}", "--watch")
         assert run.returncode != 0
-        assert "stage 'tokenize' is not implemented yet" in (tmp_path / "serve.log").read_text()
+        assert "is not implemented yet: issue #" in (tmp_path / "serve.log").read_text()
         runs = cli("flow-run", "ls").stdout
         assert "COMPLETED" in runs and "FAILED" in runs, runs
     finally:

@@ -8,7 +8,8 @@ from muse.config import TrainConfig, VQLossConfig, VQModelConfig
 from muse.datasets.demo import write_folder
 from muse.datasets.stream import batches, sample_stream
 from muse.models.vqgan import VQModel
-from muse.stages.train_vqgan import ImageObjective, image_decoder
+from muse.datasets.decode import image_decoder
+from muse.stages.train_vqgan import ImageObjective
 from muse.training import TrainLoop, lr_lambda, seed_everything
 
 

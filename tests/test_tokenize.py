@@ -1,0 +1,118 @@
+"""Stage `tokenize` and the parquet token reader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from muse.datasets.decode import image_bytes, image_tensor
+from muse.datasets.shards import shard_files
+from muse.datasets.stream import iter_tar
+from muse.datasets.tokens import TokenTable, collate, token_batches
+from muse.models.vqgan import from_pretrained
+from muse.stages import tokenize
+
+
+def test_parquet_follows_the_documented_schema(pipeline_store):
+    cfg, store, arts = pipeline_store
+    tokens = arts["tokens"]
+    files = sorted(tokens.path.rglob("*.parquet"))
+    # One parquet file per input shard, same names.
+    shards = [p for split in ("train", "val") for p in shard_files(arts["shards"].path, split)]
+    assert sorted(f.relative_to(tokens.path).with_suffix("") for f in files) == \
+        sorted(p.relative_to(arts["shards"].path).with_suffix("") for p in shards)
+    table = pq.read_table(files[0])  # plain pyarrow, no muse code
+    types = {f.name: f.type for f in table.schema}
+    assert types["key"] == types["caption"] == types["split"] == pa.string()
+    assert types["tokens_low"] == pa.list_(pa.uint16(), 16)      # 4x4 at 32 px / f8
+    assert types["seg_tokens"] == pa.list_(pa.uint16(), 64)      # 8x8 at 32 px / f4
+    assert types["text_emb"] == pa.list_(pa.float16(), 32 * 384)  # max_length x MiniLM width
+    assert types["text_len"] == pa.int16()
+    assert pq.ParquetFile(files[0]).metadata.row_group(0).column(3).compression == "ZSTD"
+    assert pq.ParquetFile(files[0]).metadata.row_group(0).num_rows == 4  # row_group_size
+    info = json.loads((tokens.path / "_schema.json").read_text())
+    assert info["geometry"]["tokens_high"]["side"] == 4 and info["text"]["dim"] == 384
+    m = tokens.manifest.metrics
+    assert m["rows"] == arts["shards"].manifest.metrics["written"] and m["missing_scene"] == 0
+    for column, kind in (("tokens_low", "vqgan-low"), ("tokens_high", "vqgan-high"), ("seg_tokens", "vqseg")):
+        values = np.concatenate(pq.read_table(files[0], columns=[column]).column(column).to_numpy(zero_copy_only=False))
+        assert values.max() < from_pretrained(arts[kind].path).cfg.codebook_size
+
+
+def test_tokens_decode_like_the_encoders_codes(pipeline_store):
+    cfg, store, arts = pipeline_store
+    table = TokenTable(arts["tokens"].path, "train")
+    row = table[0]
+    shard = shard_files(arts["shards"].path, "train")[0]
+    key, files = next(iter_tar(shard))
+    assert row["key"] == key and row["caption"] == files["txt"].decode().strip()
+    model = from_pretrained(arts["vqgan-low"].path)
+    with torch.no_grad():
+        x = image_tensor(image_bytes(files), model.cfg.resolution)[None]
+        quantized, codes, _ = model.encode(x)
+        side = model.cfg.token_side
+        assert torch.equal(row["tokens_low"].view(1, side, side), codes)
+        assert torch.allclose(model.decode_codes(row["tokens_low"].view(1, side, side)), model.decode(quantized),
+                              atol=1e-5)
+    assert row["text_emb"].shape == (32, 384) and 3 < int(row["text_len"]) <= 32
+    assert row["text_emb"][int(row["text_len"]):].abs().sum() == 0  # padding is zero
+    assert row["text_emb"][: int(row["text_len"])].abs().sum() > 0
+
+
+def test_without_precomputed_text_the_embedding_columns_are_absent(pipeline_store, store, small_config):
+    cfg, _, arts = pipeline_store
+    cfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"precompute_text": False})})
+    out = tokenize.run(cfg, {k: arts[k] for k in tokenize.INPUTS}, store)
+    names = pq.read_schema(next(out.path.rglob("*.parquet"))).names
+    assert "text_emb" not in names and "text_len" not in names and "tokens_high" in names
+    assert out.version != arts["tokens"].version
+    row = TokenTable(out.path, "train")[0]
+    assert "text_emb" not in row
+
+
+def test_reader_shards_disjointly_and_covers_every_row_once(pipeline_store):
+    _, _, arts = pipeline_store
+    table = TokenTable(arts["tokens"].path, "train", columns=["key"])
+    assert len(table.groups) >= 3
+    world = 2
+    seen = []
+    for rank in range(world):
+        groups = table.rank_groups(epoch=0, seed=1, rank=rank, world=world)
+        rows = sum(g.rows for g in groups)
+        stream = table.stream(seed=1, rank=rank, world=world)
+        seen.append([next(stream)["key"] for _ in range(rows)])
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(table[i]["key"] for i in range(len(table)))
+
+
+def test_stream_is_deterministic_and_resumes_exactly(pipeline_store):
+    _, _, arts = pipeline_store
+    table = TokenTable(arts["tokens"].path, "train", columns=["key", "tokens_low"])
+    full = [r["key"] for _, r in zip(range(40), table.stream(seed=3))]
+    assert full == [r["key"] for _, r in zip(range(40), table.stream(seed=3))]
+    assert full[17:] == [r["key"] for _, r in zip(range(23), table.stream(seed=3, start=17))]
+    assert full != [r["key"] for _, r in zip(range(40), table.stream(seed=4))]
+    batch = next(token_batches(table, 5, seed=3))
+    assert batch["tokens_low"].shape == (5, 16) and batch["tokens_low"].dtype == torch.int64
+
+
+def test_collate_marks_missing_scene_tokens():
+    rows = [{"seg_tokens": torch.arange(4)}, {"seg_tokens": None}]
+    assert collate(rows)["seg_tokens"].tolist() == [[0, 1, 2, 3], [-1, -1, -1, -1]]
+
+
+def test_missing_weights_give_a_clear_error():
+    from muse.config import TextEncoderConfig
+    from muse.models.text import TextEncoderUnavailable, load_text_encoder
+
+    with pytest.raises(TextEncoderUnavailable, match="pretrained"):
+        load_text_encoder(TextEncoderConfig(kind="clip"))
+    with pytest.raises(TextEncoderUnavailable, match="does not exist"):
+        load_text_encoder(TextEncoderConfig(kind="clip", pretrained="/nowhere/clip.pt"))
+    with pytest.raises(TextEncoderUnavailable, match="t5"):
+        load_text_encoder(TextEncoderConfig(kind="t5", model="/nowhere/t5"))
