@@ -115,6 +115,56 @@ def cmd_artifacts_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _prompts(args: argparse.Namespace) -> list[dict]:
+    """Positional prompts (numbered) or a JSONL file of {id, prompt[, negative, seed]}; errors name file and line."""
+    if bool(args.prompts) == bool(args.prompts_file):
+        raise ConfigError("give prompts as arguments or with --prompts FILE.jsonl (one of the two)")
+    if args.prompts:
+        return [{"id": f"{i:04d}", "prompt": p} for i, p in enumerate(args.prompts)]
+    items = []
+    with open(args.prompts_file) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{args.prompts_file}:{n}: not JSON ({e.msg})") from e
+            for field in ("id", "prompt"):
+                if not isinstance(item.get(field), str) or not item[field]:
+                    raise ConfigError(f"{args.prompts_file}:{n}: field {field!r} must be a non-empty string")
+            if "/" in item["id"] or item["id"].startswith("."):
+                raise ConfigError(f"{args.prompts_file}:{n}: field 'id' must be a plain file name")
+            items.append(item)
+    return items
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from muse.generate import Pipeline
+
+    items = _prompts(args)
+    pipe = Pipeline.from_store(_store(args))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    groups: dict[tuple, list[dict]] = {}  # prompts sharing a seed and a negative prompt go in one batch
+    for item in items:
+        groups.setdefault((item.get("seed", args.seed), item.get("negative", args.negative)), []).append(item)
+    for (seed, negative), group in groups.items():
+        for i in range(0, len(group), args.batch_size):
+            batch = group[i:i + args.batch_size]
+            prompts = [b["prompt"] for b in batch]
+            images = pipe(prompts, negative=None if negative is None else [negative] * len(batch), steps=args.steps,
+                          superres_steps=args.superres_steps, guidance_scale=args.guidance_scale, seed=seed + i,
+                          superres=not args.no_superres)
+            for b, img in zip(batch, images):
+                img.save(out / f"{b['id']}.png")
+                print(out / f"{b['id']}.png")
+    print(f"lineage: {json.dumps(pipe.lineage, sort_keys=True)}", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from muse.flows.deployments import serve
 
@@ -158,6 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", help="only this kind")
     _store_arg(p)
     p.set_defaults(func=cmd_artifacts_verify)
+
+    p = sub.add_parser("generate", help="text -> images with the trained base, super-res and decoder artifacts")
+    p.add_argument("prompts", nargs="*", help="prompts (written as OUT/0000.png, 0001.png, ...)")
+    p.add_argument("--prompts", dest="prompts_file", metavar="FILE.jsonl",
+                   help="one JSON object a line: id, prompt, optional negative and seed; writes OUT/<id>.png")
+    p.add_argument("--negative", help="negative prompt (replaces the unconditional logits)")
+    p.add_argument("--out", default="samples", help="output folder (default: samples)")
+    p.add_argument("--steps", type=int, default=24, help="base sampling steps (default 24)")
+    p.add_argument("--superres-steps", type=int, default=8, help="super-res sampling steps (default 8)")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="final CFG scale t (default 3.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-superres", action="store_true", help="decode the base tokens with vqgan-low")
+    _store_arg(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="register and serve deployments muse/full-train and muse/<stage> "
                        "(needs a Prefect API server; see infra/)")

@@ -295,6 +295,7 @@ class FinetuneDecoderConfig(Section):
 
     extra_res_blocks: int = Field(1, ge=0, description="ResBlocks added per decoder level.")
     channel_mult: float = Field(1.5, ge=1.0, description="Decoder width relative to the original.")
+    loss: VQLossConfig = Field(default_factory=VQLossConfig, description="Reconstruction, LPIPS and GAN losses.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
 
 
@@ -305,6 +306,13 @@ class EvaluateConfig(Section):
     steps: int = Field(24, ge=1, description="Base sampling steps.")
     superres_steps: int = Field(8, ge=1, description="Super-res sampling steps.")
     guidance_scale: float = Field(3.0, ge=0, description="Final classifier-free guidance scale.")
+    batch_size: int = Field(16, ge=1, description="Prompts generated per batch.")
+    seed: int = Field(0, description="Sampling seed (same seed, same images).")
+    clip_model: str = Field("ViT-B-32", description="open_clip model for the CLIP score.")
+    clip_pretrained: str | None = Field(
+        None, description="open_clip tag or checkpoint path; None = random weights (the score is flagged as such).")
+    inception_weights: str | None = Field(
+        None, description="torchvision inception_v3 state-dict path for FID; None = FID skipped with the reason.")
 
 
 class PipelineConfig(Section):

@@ -1,21 +1,143 @@
-"""Stage `evaluate`: samples and metrics from every trained artifact (built by issue #9)."""
+"""Stage `evaluate`: generate images for held-out captions and grade everything that was trained.
+
+Figures in the `report` artifact: caption alignment of generated images on demo data
+(colour / shape / position, graded from pixels by `datasets.demo_check`), CLIP score
+(open_clip; flagged when its weights are random), FID against the val images (when
+Inception weights are configured; otherwise skipped with the reason), the tokenizers' and
+the finetuned decoder's val reconstruction PSNR, and codebook usage of the tokens. A grid
+of prompts and samples goes to the Prefect page.
+"""
 
 from __future__ import annotations
 
-from muse.artifacts.store import Artifact, ArtifactStore
-from muse.config import PipelineConfig
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
+from muse.config import EvaluateConfig, PipelineConfig
+from muse.datasets.demo_check import grade
+from muse.datasets.shards import read_samples
+from muse.generate import Pipeline
 
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("shards", "vqgan-low", "vqgan-high", "tokens", "base", "superres", "decoder")
 OUTPUTS: tuple[str, ...] = ("report",)
-CODE_VERSION = "0"
+CODE_VERSION = "1"
+
+log = logging.getLogger("muse.stages.evaluate")
 
 
 def config_of(config: PipelineConfig) -> dict:
-    """The resolved config this stage's outputs depend on."""
     return config.evaluate.model_dump(mode="json")
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> list[Artifact]:
-    """Not built yet."""
-    raise NotImplementedError(f"stage '{NAME}' is not implemented yet: issue #9 builds it")
+def clip_score(images: list[Image.Image], captions: list[str], c: EvaluateConfig) -> dict:
+    """Mean 100 x cosine(image, caption) under open_clip (random weights allowed, and then flagged)."""
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(c.clip_model, pretrained=c.clip_pretrained)
+    tokenizer = open_clip.get_tokenizer(c.clip_model)
+    model.eval()
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([preprocess(i) for i in images]), normalize=True)
+        txt = model.encode_text(tokenizer(captions), normalize=True)
+    score = float(100 * (img * txt).sum(-1).clamp_min(0).mean())
+    return {"clip_score": round(score, 3), "clip_weights": c.clip_pretrained or "random (score not meaningful)"}
+
+
+def fid(generated: list[Image.Image], real: list[Image.Image], weights: str | None) -> dict:
+    """Frechet Inception distance of pool features, or the reason it was skipped."""
+    if weights is None:
+        return {"fid": None, "fid_skipped": "no evaluate.inception_weights (torchvision inception_v3 state dict)"}
+    from scipy import linalg
+    from torchvision.models import inception_v3
+
+    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    net.load_state_dict(torch.load(weights, map_location="cpu"))
+    net.fc = torch.nn.Identity()
+    net.eval()
+
+    def features(images: list[Image.Image]) -> np.ndarray:
+        x = torch.stack([torch.from_numpy(np.asarray(i.convert("RGB").resize((299, 299), Image.BICUBIC)).copy())
+                         .permute(2, 0, 1).float() / 255 for i in images])
+        mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        with torch.no_grad():
+            return net((x - mean) / std).double().numpy()
+
+    a, b = features(generated), features(real)
+    mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    value = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    return {"fid": round(value, 3), "fid_samples": len(generated)}
+
+
+def _grid(images: list[Image.Image], captions: list[str], path, per_row: int = 8) -> None:
+    side = images[0].size[0]
+    rows = (len(images) + per_row - 1) // per_row
+    canvas = Image.new("RGB", (per_row * side, rows * (side + 28)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (img, cap) in enumerate(zip(images, captions)):
+        x, y = (i % per_row) * side, (i // per_row) * (side + 28)
+        canvas.paste(img, (x, y))
+        words = cap.split()
+        draw.text((x + 2, y + side + 1), " ".join(words[: len(words) // 2 + 1])[:side // 6], fill="black")
+        draw.text((x + 2, y + side + 14), " ".join(words[len(words) // 2 + 1:])[:side // 6], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+    """Generate for `num_prompts` val captions and write the `report` artifact."""
+    c = config.evaluate
+    split = "val"
+    samples = []
+    for s in read_samples(inputs["shards"].path, split):
+        samples.append(s)
+        if len(samples) == c.num_prompts:
+            break
+    if not samples:
+        split = "train"
+        samples = [s for _, s in zip(range(c.num_prompts), read_samples(inputs["shards"].path, split))]
+    pipe = Pipeline.from_store(store, pins={k: inputs[k] for k in ("base", "superres", "decoder")})
+    captions = [s["caption"] for s in samples]
+    images: list[Image.Image] = []
+    start = time.perf_counter()
+    for i in range(0, len(captions), c.batch_size):
+        images += pipe(captions[i:i + c.batch_size], steps=c.steps, superres_steps=c.superres_steps,
+                       guidance_scale=c.guidance_scale, seed=c.seed + i)
+    seconds = time.perf_counter() - start
+    metrics: dict = {"prompts": len(images), "prompt_split": split,
+                     "seconds_per_image": round(seconds / max(len(images), 1), 4)}
+    rows = []
+    graded = [(s, grade(img, s["info"]["source_info"]["objects"])) for s, img in zip(samples, images)
+              if "objects" in s["info"].get("source_info", {})]
+    if graded:
+        for part in ("colour", "shape", "position"):
+            results = [r[part] for _, g in graded for r in g]
+            metrics[f"alignment_{part}"] = round(float(np.mean(results)), 4)
+        rows = [{"key": s["key"], "caption": s["caption"],
+                 **{p: all(r[p] for r in g) for p in ("colour", "shape", "position")}} for s, g in graded]
+    metrics.update(clip_score(images, captions, c))
+    metrics.update(fid(images, [s["image"] for s in samples], c.inception_weights))
+    for kind, key in (("vqgan-low", "psnr"), ("vqgan-high", "psnr"), ("decoder", "new_psnr")):
+        metrics[f"{kind}_val_psnr"] = inputs[kind].manifest.metrics.get(key)
+    for column in ("tokens_low", "tokens_high", "seg_tokens"):
+        metrics[f"{column}_codebook_usage"] = inputs["tokens"].manifest.metrics.get(f"{column}_usage")
+    versions = {k: a.version for k, a in inputs.items()}
+    with store.create("report", stage=NAME, config=config_of(config), inputs=versions,
+                      code_version=CODE_VERSION) as out:
+        _grid(images, captions, out.path / PREVIEW_DIR / "samples.png")
+        (out.path / "samples").mkdir()
+        for s, img in zip(samples, images):
+            img.save(out.path / "samples" / f"{s['key']}.png")
+        (out.path / "report.json").write_text(json.dumps({"metrics": metrics, "lineage": pipe.lineage,
+                                                          "prompts": rows or captions}, indent=2))
+        out.metrics = metrics
+        out.details = {"lineage": pipe.lineage, "tables": {"alignment": rows} if rows else {}}
+    log.info("evaluate: %s", metrics)
+    return out.artifact

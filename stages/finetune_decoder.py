@@ -1,21 +1,164 @@
-"""Stage `finetune-decoder`: a larger decoder for the frozen tokenizer (built by issue #8)."""
+"""Stage `finetune-decoder`: a larger decoder for the frozen high-res tokenizer (Muse, "Decoder Finetuning").
+
+The new decoder has `extra_res_blocks` more ResBlocks per level and `channel_mult` times the
+width; it starts from the trained decoder where shapes allow. The encoder, quant conv and
+codebook stay frozen (no optimizer sees them, and their weights are checked bit-identical
+at the end), so every image keeps its token ids and `tokens`, `base` and `superres` need
+no retraining. Losses: L1 (+ L2) + LPIPS (with VGG weights) + PatchGAN hinge from
+`disc_start`, on codes the frozen encoder computes on the fly from `shards` images.
+"""
 
 from __future__ import annotations
 
-from muse.artifacts.store import Artifact, ArtifactStore
-from muse.config import PipelineConfig
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
+from muse.config import PipelineConfig, VQLossConfig
+from muse.datasets.decode import image_decoder
+from muse.datasets.shards import shard_files
+from muse.datasets.stream import batches, iter_tar, sample_stream
+from muse.models.vqgan import (LatentDecoder, PatchDiscriminator, VQModel, adaptive_weight, from_pretrained,
+                               hinge_d_loss, init_from, save_decoder)
+from muse.training import TrainLoop, seed_everything
 
 NAME = "finetune-decoder"
 INPUTS: tuple[str, ...] = ("shards", "vqgan-high")
 OUTPUTS: tuple[str, ...] = ("decoder",)
-CODE_VERSION = "0"
+CODE_VERSION = "1"
+
+log = logging.getLogger("muse.stages.finetune_decoder")
 
 
 def config_of(config: PipelineConfig) -> dict:
-    """The resolved config this stage's outputs depend on."""
     return config.finetune_decoder.model_dump(mode="json")
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> list[Artifact]:
-    """Not built yet."""
-    raise NotImplementedError(f"stage '{NAME}' is not implemented yet: issue #8 builds it")
+def tokenizer_digest(model: VQModel) -> str:
+    """sha256 over the encoder, quant conv and codebook tensors: what must not change."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.", "quantizer.")):
+            h.update(name.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    mse = ((x - y) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+class DecoderObjective:
+    """Reconstruct images from the frozen tokenizer's quantized latents with the new decoder."""
+
+    def __init__(self, tokenizer: VQModel, decoder: LatentDecoder, loss: VQLossConfig, perceptual: nn.Module | None):
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
+        self.decoder, self.loss, self.perceptual = decoder, loss, perceptual
+        self.modules: dict[str, nn.Module] = {"decoder": decoder}
+        self.optimizers = {"gen": ["decoder"]}
+        self.ema = ["decoder"]
+        if loss.disc_weight > 0:
+            self.disc = PatchDiscriminator(3, loss.disc_ch, loss.disc_layers)
+            self.modules["disc"] = self.disc
+            self.optimizers["disc"] = ["disc"]
+
+    def losses(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            quantized, _, _ = self.tokenizer.encode(x)
+        recon = self.decoder(quantized)
+        rec = self.loss.l1_weight * (x - recon).abs().mean() + self.loss.l2_weight * (x - recon).pow(2).mean()
+        if self.perceptual is not None and self.loss.perceptual_weight:
+            rec = rec + self.loss.perceptual_weight * self.perceptual(recon, x).mean()
+        out = {"rec": rec.detach(), "psnr": torch.tensor(psnr(x, recon.detach()))}
+        gen = rec
+        if "disc" in self.modules and step >= self.loss.disc_start:
+            g_loss = -self.disc(recon).mean()
+            weight = self.loss.disc_weight * adaptive_weight(rec, g_loss, self.decoder.last_layer)
+            gen = gen + weight * g_loss
+            out["disc"] = hinge_d_loss(self.disc(x), self.disc(recon.detach()))
+            out.update(g_loss=g_loss.detach(), d_weight=weight)
+        out["gen"] = gen
+        return out
+
+
+@torch.no_grad()
+def compare(tokenizer: VQModel, decoder: LatentDecoder, files: list[Path], resolution: int, device,
+            batch_size: int = 32) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Val PSNR/L1 of the old and new decoders on the same codes; preview rows input | old | new."""
+    decode = image_decoder(resolution)
+    decoder.eval()
+    sums = {"old_psnr": 0.0, "new_psnr": 0.0, "old_l1": 0.0, "new_l1": 0.0}
+    n, rows, buf = 0, [], []
+    samples = [decode(files_) for f in files for _, files_ in iter_tar(f)]
+    for start in range(0, len(samples), batch_size):
+        x = torch.stack(samples[start:start + batch_size]).to(device)
+        buf.append(x)
+        quantized, _, _ = tokenizer.encode(x)
+        old, new = tokenizer.decode(quantized).clamp(-1, 1), decoder(quantized).clamp(-1, 1)
+        b = x.shape[0]
+        sums["old_psnr"] += psnr(x, old) * b
+        sums["new_psnr"] += psnr(x, new) * b
+        sums["old_l1"] += float((x - old).abs().mean()) * b
+        sums["new_l1"] += float((x - new).abs().mean()) * b
+        n += b
+        if not rows:
+            to8 = lambda t: ((t[:8] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # noqa: E731
+            rows = [np.concatenate(list(to8(t)), 1) for t in (x, old, new)]
+    return {k: round(v / max(n, 1), 4) for k, v in sums.items()} | {"val_samples": n}, rows
+
+
+def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+    """Finetune a larger decoder for `vqgan-high` and commit it as `decoder`."""
+    c = config.finetune_decoder
+    shards, high = inputs["shards"], inputs["vqgan-high"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    create = {"stage": NAME, "config": config_of(config),
+              "inputs": {"shards": shards.version, "vqgan-high": high.version}, "code_version": CODE_VERSION}
+    version = store.version_of(NAME, create["config"], create["inputs"], CODE_VERSION)
+    tokenizer = from_pretrained(high.path).to(device)
+    before = tokenizer_digest(tokenizer)
+    seed_everything(c.train.seed)
+    decoder = LatentDecoder(tokenizer.cfg, 3, c.extra_res_blocks, c.channel_mult).to(device)
+    copied = init_from(decoder, tokenizer)
+    perceptual = None
+    if c.loss.vgg_weights and c.loss.perceptual_weight:
+        from muse.models.perceptual import load_lpips
+
+        perceptual = load_lpips(c.loss.vgg_weights).to(device)
+    objective = DecoderObjective(tokenizer, decoder, c.loss, perceptual)
+    if "disc" in objective.modules:
+        objective.disc.to(device)
+    log.info("finetune-decoder: %.2fM -> %.2fM decoder parameters, %d tensors initialised from vqgan-high",
+             sum(p.numel() for n, p in tokenizer.named_parameters() if n.startswith(("decoder.", "post_quant")))
+             / 1e6, sum(p.numel() for p in decoder.parameters()) / 1e6, copied)
+    train_files = shard_files(shards.path, "train")
+    val_files = shard_files(shards.path, "val") or train_files
+    work_dir = store.work_dir("decoder", version)
+    loop = TrainLoop(c.train, objective, work_dir, "decoder", device)
+    decode = image_decoder(tokenizer.cfg.resolution)
+    figures = loop.run(lambda position: batches(sample_stream(train_files, c.train.seed, position, c.train.shuffle_buffer),
+                                                c.train.batch_size, decode))
+    trained = loop.trained("decoder")
+    if tokenizer_digest(tokenizer) != before:
+        raise RuntimeError("finetune-decoder changed the frozen encoder/codebook: token ids would no longer match")
+    metrics, rows = compare(tokenizer, trained, val_files, tokenizer.cfg.resolution, device)
+    with store.create("decoder", **create) as out:
+        save_decoder(trained, out.path, {"tokenizer": f"vqgan-high:{high.version}", "tokenizer_sha256": before})
+        if rows:
+            (out.path / PREVIEW_DIR).mkdir()
+            Image.fromarray(np.concatenate(rows, 0)).save(out.path / PREVIEW_DIR / "input-old-new.png")
+        if (work_dir / "tensorboard").is_dir():
+            shutil.copytree(work_dir / "tensorboard", out.path / "tensorboard")
+        out.metrics = {**metrics, "psnr_gain": round(metrics["new_psnr"] - metrics["old_psnr"], 4),
+                       "steps": loop.step, "initialised_tensors": copied,
+                       **{f"train_{k}": round(v, 4) for k, v in figures.items() if "/" not in k}}
+    log.info("finetune-decoder: val %s", metrics)
+    return out.artifact

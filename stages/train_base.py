@@ -1,21 +1,33 @@
-"""Stage `train-base`: the text-conditioned masked transformer (built by issue #7)."""
+"""Stage `train-base`: the text-conditioned masked transformer over the low-res tokens."""
 
 from __future__ import annotations
 
+import torch
+
 from muse.artifacts.store import Artifact, ArtifactStore
 from muse.config import PipelineConfig
+from muse.transformer_training import train_transformer
 
 NAME = "train-base"
 INPUTS: tuple[str, ...] = ("tokens",)
 OUTPUTS: tuple[str, ...] = ("base",)
-CODE_VERSION = "0"
+CODE_VERSION = "1"
 
 
 def config_of(config: PipelineConfig) -> dict:
-    """The resolved config this stage's outputs depend on."""
-    return config.train_base.model_dump(mode="json")
+    """The model and training config, and the text encoder when embeddings are computed at training time."""
+    return {"train_base": config.train_base.model_dump(mode="json"),
+            "text_encoder": config.tokenize.text_encoder.model_dump(mode="json")}
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> list[Artifact]:
-    """Not built yet."""
-    raise NotImplementedError(f"stage '{NAME}' is not implemented yet: issue #7 builds it")
+def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+    """Train the base transformer on `tokens_low` and commit the `base` artifact."""
+    c = config.train_base
+    tokens = inputs["tokens"]
+    create = {"stage": NAME, "config": config_of(config), "inputs": {"tokens": tokens.version},
+              "code_version": CODE_VERSION}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return train_transformer(kind="base", stage=NAME, model_cfg=c.model, train_cfg=c.train,
+                             text_drop_rate=c.text_drop_rate, label_smoothing=c.label_smoothing,
+                             scene=c.scene_conditioning, tokens=tokens, target="tokens_low", cond=None,
+                             text_cfg=config.tokenize.text_encoder, store=store, create_kwargs=create, device=device)

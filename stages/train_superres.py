@@ -1,21 +1,34 @@
-"""Stage `train-superres`: the low-res-token-conditioned super-res transformer (built by issue #7)."""
+"""Stage `train-superres`: high-res tokens from the low-res tokens and the text (trained on ground-truth
+low-res tokens, so it needs nothing from `train-base`)."""
 
 from __future__ import annotations
 
+import torch
+
 from muse.artifacts.store import Artifact, ArtifactStore
 from muse.config import PipelineConfig
+from muse.transformer_training import train_transformer
 
 NAME = "train-superres"
 INPUTS: tuple[str, ...] = ("tokens",)
 OUTPUTS: tuple[str, ...] = ("superres",)
-CODE_VERSION = "0"
+CODE_VERSION = "1"
 
 
 def config_of(config: PipelineConfig) -> dict:
-    """The resolved config this stage's outputs depend on."""
-    return config.train_superres.model_dump(mode="json")
+    """The model and training config, and the text encoder when embeddings are computed at training time."""
+    return {"train_superres": config.train_superres.model_dump(mode="json"),
+            "text_encoder": config.tokenize.text_encoder.model_dump(mode="json")}
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> list[Artifact]:
-    """Not built yet."""
-    raise NotImplementedError(f"stage '{NAME}' is not implemented yet: issue #7 builds it")
+def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+    """Train the super-res transformer on `tokens_high` given `tokens_low`; commit `superres`."""
+    c = config.train_superres
+    tokens = inputs["tokens"]
+    create = {"stage": NAME, "config": config_of(config), "inputs": {"tokens": tokens.version},
+              "code_version": CODE_VERSION}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return train_transformer(kind="superres", stage=NAME, model_cfg=c.model, train_cfg=c.train,
+                             text_drop_rate=c.text_drop_rate, label_smoothing=c.label_smoothing,
+                             scene=c.scene_conditioning, tokens=tokens, target="tokens_high", cond="tokens_low",
+                             text_cfg=config.tokenize.text_encoder, store=store, create_kwargs=create, device=device)

@@ -20,6 +20,17 @@ SMALL = [
     "train_vqgan.train.steps=4",
     "train_vqgan.train.batch_size=4",
     "train_vqgan.overrides={}",
+    "train_base.train.steps=4",
+    "train_base.train.batch_size=4",
+    "train_base.model={dim: 32, depth: 1, heads: 2}",
+    "train_superres.train.steps=4",
+    "train_superres.train.batch_size=4",
+    "train_superres.model={dim: 32, depth: 1, heads: 2, cond_depth: 1}",
+    "finetune_decoder.train.steps=4",
+    "finetune_decoder.train.batch_size=4",
+    "evaluate.num_prompts=4",
+    "evaluate.steps=4",
+    "evaluate.superres_steps=2",
 ]
 
 
@@ -70,4 +81,18 @@ def pipeline_store(tmp_path_factory, ray_local):
     arts["segments"] = segment.run(cfg, arts, store)
     arts.update({a.kind: a for a in train_vqgan.run(cfg, arts, store)})
     arts["tokens"] = tokenize.run(cfg, arts, store)
+    return cfg, store, arts
+
+
+@pytest.fixture(scope="session")
+def trained_store(pipeline_store):
+    """pipeline_store plus base, superres, decoder and report (a few steps each), built once per session."""
+    from muse.stages import evaluate, finetune_decoder, train_base, train_superres
+
+    cfg, store, arts = pipeline_store
+    arts = dict(arts)
+    arts["base"] = train_base.run(cfg, arts, store)
+    arts["superres"] = train_superres.run(cfg, arts, store)
+    arts["decoder"] = finetune_decoder.run(cfg, arts, store)
+    arts["report"] = evaluate.run(cfg, arts, store)
     return cfg, store, arts

@@ -38,15 +38,22 @@ def test_single_stage_with_missing_input_names_the_stage_to_run_first(prefect_ap
         _run(empty, "segment", inputs={"shards": "ffff"})
 
 
-def test_full_train_stops_loudly_at_the_first_unbuilt_stage(prefect_api, ray_local, store):
-    with pytest.raises(NotImplementedError, match=r"is not implemented yet: issue #[78]"):
-        _run(store, "full-train")
-    # The stages before it committed; nothing fake after it.
-    assert store.kinds() == ["segments", "shards", "tokens", "vqgan-high", "vqgan-low", "vqseg"]
+def test_full_train_runs_every_stage_and_finetune_decoder_reruns_alone(prefect_api, ray_local, store):
+    produced = _run(store, "full-train")
+    kinds = ["base", "decoder", "report", "segments", "shards", "superres", "tokens", "vqgan-high", "vqgan-low",
+             "vqseg"]
+    assert store.kinds() == kinds and sorted(produced) == kinds
     assert store.get("segments").manifest.inputs == {"shards": store.get("shards").version}
-    assert store.get("vqseg").manifest.inputs == {"shards": store.get("shards").version,
-                                                  "segments": store.get("segments").version}
     assert set(store.get("tokens").manifest.inputs) == {"shards", "segments", "vqgan-low", "vqgan-high", "vqseg"}
+    report = store.get("report")
+    assert report.manifest.inputs["decoder"] == store.get("decoder").version
+    assert report.manifest.details["lineage"]["decoder"] == store.get("decoder").version  # the sampler used it
+    # Rerunning finetune-decoder alone (forced) reruns nothing upstream: every other artifact stays as it was.
+    before = {k: (a.version, a.manifest.seq, a.manifest.created) for k in kinds for a in [store.get(k)]}
+    _run(store, "finetune-decoder", force=["finetune-decoder"])
+    after = {k: (a.version, a.manifest.seq, a.manifest.created) for k in kinds for a in [store.get(k)]}
+    assert {k for k in kinds if before[k] != after[k]} == {"decoder"}
+    assert after["decoder"][0] == before["decoder"][0] and after["decoder"][1] == 2  # same version, recommitted
 
 
 def test_unknown_target_and_force(prefect_api, store):

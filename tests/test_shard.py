@@ -4,7 +4,6 @@ import csv
 import hashlib
 import io
 import json
-import tarfile
 
 import numpy as np
 import pyarrow as pa

@@ -214,3 +214,70 @@ def from_pretrained(directory) -> VQModel:
     model = VQModel(VQModelConfig.model_validate(config["model"]), config["in_channels"], config["out_channels"])
     model.load_state_dict(load_file(directory / WEIGHTS_FILE))
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- decoder finetuning
+
+
+class LatentDecoder(nn.Module):
+    """Post-quant conv + decoder: quantized latents -> images. Decoder finetuning trains a larger one of these
+    against a frozen encoder and codebook, so every image keeps its token ids."""
+
+    def __init__(self, cfg: VQModelConfig, out_channels: int = 3, extra_res_blocks: int = 0, width_mult: float = 1.0):
+        super().__init__()
+        self.cfg, self.out_channels = cfg, out_channels
+        self.extra_res_blocks, self.width_mult = extra_res_blocks, width_mult
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 1)
+        self.decoder = Decoder(cfg, out_channels, extra_res_blocks, width_mult)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(latents))
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.decoder.conv_out.weight
+
+
+@torch.no_grad()
+def init_from(new: LatentDecoder, old: VQModel) -> int:
+    """Copy what shapes allow from a trained model's decoder: equal tensors by name, else the overlapping
+    corner (the old channels of a wider layer). Returns how many tensors were initialised."""
+    source = {k: v for k, v in old.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    copied = 0
+    for name, target in new.state_dict().items():
+        value = source.get(name)
+        if value is None or value.dim() != target.dim():
+            continue
+        corner = tuple(slice(0, min(a, b)) for a, b in zip(target.shape, value.shape))
+        target[corner] = value[corner]
+        copied += 1
+    return copied
+
+
+def save_decoder(decoder: LatentDecoder, directory, extra: dict | None = None) -> None:
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in decoder.state_dict().items()}, directory / WEIGHTS_FILE)
+    config = {"model": decoder.cfg.model_dump(mode="json"), "out_channels": decoder.out_channels,
+              "extra_res_blocks": decoder.extra_res_blocks, "width_mult": decoder.width_mult, **(extra or {})}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def load_decoder(directory) -> LatentDecoder:
+    """A LatentDecoder in eval mode from a `decoder` artifact."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    c = json.loads((directory / CONFIG_FILE).read_text())
+    decoder = LatentDecoder(VQModelConfig.model_validate(c["model"]), c["out_channels"], c["extra_res_blocks"],
+                            c["width_mult"])
+    decoder.load_state_dict(load_file(directory / WEIGHTS_FILE))
+    return decoder.eval()

@@ -1,0 +1,113 @@
+"""Text -> image from trained artifacts: base tokens -> super-res tokens -> (finetuned) decoder -> PIL.
+
+`Pipeline.from_store(store)` loads `base`, `superres` (when present), the tokenizers named in
+their configs, the text encoder they were trained with, and the `decoder` artifact when one
+was finetuned for that `vqgan-high` version. `lineage` says which versions produced an image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from PIL import Image
+
+from muse.artifacts.store import Artifact, ArtifactStore
+from muse.config import TextEncoderConfig
+from muse.models.text import load_text_encoder
+from muse.models.transformer import MaskedTransformer, load_transformer
+from muse.models.vqgan import from_pretrained, load_decoder
+from muse.sampling import SamplerConfig, decode
+
+
+def to_images(x: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL images."""
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+class Pipeline:
+    def __init__(self, store: ArtifactStore, device: torch.device | str | None = None,
+                 pins: dict[str, Artifact] | None = None):
+        """`pins` fixes artifacts by kind (base, superres, decoder); the rest are the store's latest."""
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pins = pins or {}
+        base = pins.get("base") or store.get("base")
+        self.base, config = load_transformer(base.path)
+        self.base.to(self.device)
+        self.lineage = {"base": base.version}
+        self.text = load_text_encoder(TextEncoderConfig.model_validate(config["text_encoder"]), self.device)
+        self.max_length = config["text"]["max_length"] if config["text"] else self.text.max_length
+        low = store.resolve(config["tokenizers"]["tokens_low"])
+        self.vq_low = from_pretrained(low.path).to(self.device)
+        self.lineage["vqgan-low"] = low.version
+        self.superres: MaskedTransformer | None = None
+        self.decoder = None
+        if "superres" in pins or store.latest_version("superres") is not None:
+            sr = pins.get("superres") or store.get("superres")
+            self.superres, sr_config = load_transformer(sr.path)
+            self.superres.to(self.device)
+            high = store.resolve(sr_config["tokenizers"]["tokens_high"])
+            self.vq_high = from_pretrained(high.path).to(self.device)
+            self.lineage.update({"superres": sr.version, "vqgan-high": high.version})
+            dec = pins.get("decoder") or (store.get("decoder") if store.latest_version("decoder") else None)
+            if dec is not None and dec.manifest.inputs.get("vqgan-high") == high.version:
+                self.decoder = load_decoder(dec.path).to(self.device)
+                self.lineage["decoder"] = dec.version
+
+    @classmethod
+    def from_store(cls, store: ArtifactStore, device: torch.device | str | None = None,
+                   pins: dict[str, Artifact] | None = None) -> "Pipeline":
+        return cls(store, device, pins)
+
+    def _memory(self, model: MaskedTransformer, prompts: list[str], cond: torch.Tensor | None = None,
+                drop: bool = False):
+        emb, mask = self.text.encode(prompts)
+        length = min(emb.shape[1], self.max_length)
+        # Pad to max_length so prompt and negative-prompt memories batch together (padding is masked).
+        padded = torch.zeros(emb.shape[0], self.max_length, emb.shape[2], device=self.device)
+        padded[:, :length] = emb[:, :length]
+        full_mask = torch.zeros(emb.shape[0], self.max_length, dtype=torch.bool, device=self.device)
+        full_mask[:, :length] = mask[:, :length]
+        emb, mask = padded, full_mask
+        if drop:
+            mask = torch.zeros_like(mask)
+        return model.memory(emb, mask, cond)
+
+    def _tokens(self, model: MaskedTransformer, prompts: list[str], negative: list[str] | None, cfg: SamplerConfig,
+                generator: torch.Generator, cond: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
+        memory, mask = self._memory(model, prompts, cond)
+        if negative is not None:
+            u_memory, u_mask = self._memory(model, negative, cond)
+        else:
+            u_memory, u_mask = self._memory(model, prompts, cond, drop=True)
+        return decode(model, memory, mask, u_memory, u_mask, cfg, generator, tokens)
+
+    @torch.no_grad()
+    def generate_tokens(self, prompts: list[str], negative: list[str] | None = None, steps: int = 24,
+                        superres_steps: int = 8, guidance_scale: float = 3.0, seed: int = 0,
+                        superres: bool = True, sampler: SamplerConfig | None = None) -> dict[str, torch.Tensor]:
+        sampler = replace(sampler or SamplerConfig(), guidance_scale=guidance_scale)
+        gen = torch.Generator(self.device).manual_seed(seed)
+        low = self._tokens(self.base, prompts, negative, replace(sampler, steps=steps), gen)
+        out = {"tokens_low": low}
+        if superres and self.superres is not None:
+            out["tokens_high"] = self._tokens(self.superres, prompts, negative, replace(sampler, steps=superres_steps),
+                                              gen, cond=low)
+        return out
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "tokens_high" in tokens:
+            side = self.vq_high.cfg.token_side
+            codes = tokens["tokens_high"].view(-1, side, side)
+            if self.decoder is not None:
+                return self.decoder(self.vq_high.codes_to_latents(codes))
+            return self.vq_high.decode_codes(codes)
+        side = self.vq_low.cfg.token_side
+        return self.vq_low.decode_codes(tokens["tokens_low"].view(-1, side, side))
+
+    def __call__(self, prompts: list[str], **kwargs) -> list[Image.Image]:
+        return to_images(self.decode_tokens(self.generate_tokens(prompts, **kwargs)))
+

@@ -1,0 +1,34 @@
+"""Masking for training and the schedule for sampling (MaskGIT/Muse).
+
+Training draws a mask rate r per sample from p(r) = 2/pi (1 - r^2)^(-1/2) on [0, 1): by inverse
+CDF, r = sin(pi u / 2) with u uniform, mean 2/pi = 0.64. Sampling unmasks along the same
+curve: after step t of T, a fraction cos(pi/2 (t+1)/T) of tokens is still masked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sample_mask_rate(batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """r ~ 2/pi (1 - r^2)^(-1/2): the arccos distribution of Muse."""
+    u = torch.rand(batch, generator=generator, device=device)
+    return torch.sin(u * math.pi / 2)
+
+
+def mask_tokens(tokens: torch.Tensor, rate: torch.Tensor, mask_id: int,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask ceil(r N) random positions per row (at least one); returns (masked tokens, bool mask)."""
+    b, n = tokens.shape
+    count = (rate * n).ceil().clamp(1, n).long()
+    scores = torch.rand(b, n, generator=generator, device=tokens.device)
+    ranks = scores.argsort(1).argsort(1)
+    mask = ranks < count[:, None]
+    return tokens.masked_fill(mask, mask_id), mask
+
+
+def masked_after_step(step: int, steps: int, n: int) -> int:
+    """Tokens still masked after sampling step `step` (0-based) of `steps`: cosine schedule, 0 at the end."""
+    return int(math.floor(n * math.cos(math.pi / 2 * (step + 1) / steps)))

@@ -1,0 +1,201 @@
+"""The masked token transformer of Muse: base (text -> low-res tokens) and super-res (+ low-res tokens).
+
+Image tokens (plus a [MASK] id = codebook_size) are embedded with learned row and column
+position embeddings, pass N pre-norm blocks of self-attention, cross-attention to the
+conditioning memory and an MLP, and a linear head predicts codebook logits everywhere.
+
+The memory is: one learned null token (always visible, so a sample without text still has
+something to attend to), the projected text embeddings (masked by their padding; all of
+them hidden when text is dropped for classifier-free guidance), then, for super-res, the
+low-res tokens after a small transformer encoder, and optionally scene tokens.
+Attention is `scaled_dot_product_attention`; `memory_kv` lets a sampler compute each
+block's cross-attention keys and values once per image instead of once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    """Everything that fixes the architecture (saved next to the weights)."""
+
+    dim: int
+    depth: int
+    heads: int
+    codebook_size: int
+    side: int  # token grid side
+    text_dim: int
+    cond_codebook_size: int = 0  # super-res: low-res codebook (0 = base model)
+    cond_side: int = 0
+    cond_depth: int = 2
+    scene_codebook_size: int = 0  # optional scene tokens (0 = off)
+    scene_side: int = 0
+    mlp_ratio: int = 4
+
+    @property
+    def mask_id(self) -> int:
+        return self.codebook_size
+
+
+class Attention(nn.Module):
+    """Multi-head attention; keys/values from `context` (cross) or from x (self)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def kv_of(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, m, d = context.shape
+        k, v = self.kv(context).view(b, m, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
+        k, v = kv if kv is not None else self.kv_of(x if context is None else context)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention, (optional) cross-attention to the memory, MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, cross: bool = True):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.cross = Attention(dim, heads) if cross else None
+        self.norm2 = nn.LayerNorm(dim) if cross else None
+        self.norm3 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x, memory=None, memory_mask=None, kv=None):
+        x = x + self.attn(self.norm1(x))
+        if self.cross is not None:
+            x = x + self.cross(self.norm2(x), memory, memory_mask, kv)
+        return x + self.mlp(self.norm3(x))
+
+
+class GridEmbedding(nn.Module):
+    """Token ids on a side x side grid -> vectors: token embedding + learned row and column embeddings."""
+
+    def __init__(self, vocab: int, side: int, dim: int):
+        super().__init__()
+        self.side = side
+        self.tok = nn.Embedding(vocab, dim)
+        self.row = nn.Parameter(torch.randn(side, 1, dim) * 0.02)
+        self.col = nn.Parameter(torch.randn(1, side, dim) * 0.02)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.tok(ids) + (self.row + self.col).view(1, self.side * self.side, -1)
+
+
+class MaskedTransformer(nn.Module):
+    """Logits over the codebook for every position of a (partly masked) token grid."""
+
+    def __init__(self, spec: TransformerSpec):
+        super().__init__()
+        self.spec = spec
+        d = spec.dim
+        self.embed = GridEmbedding(spec.codebook_size + 1, spec.side, d)
+        self.null = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.text_proj = nn.Sequential(nn.LayerNorm(spec.text_dim), nn.Linear(spec.text_dim, d))
+        if spec.cond_codebook_size:
+            self.cond_embed = GridEmbedding(spec.cond_codebook_size, spec.cond_side, d)
+            self.cond_blocks = nn.ModuleList(Block(d, spec.heads, spec.mlp_ratio, cross=False)
+                                             for _ in range(spec.cond_depth))
+        if spec.scene_codebook_size:
+            self.scene_embed = GridEmbedding(spec.scene_codebook_size, spec.scene_side, d)
+        self.memory_norm = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList(Block(d, spec.heads, spec.mlp_ratio) for _ in range(spec.depth))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, spec.codebook_size)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def memory(self, text_emb: torch.Tensor, text_mask: torch.Tensor, cond_tokens: torch.Tensor | None = None,
+               scene_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention memory and its mask (True = attend). Drop text by passing an all-False text_mask;
+        scene tokens of -1 (no scene) are hidden."""
+        b = text_emb.shape[0]
+        parts = [self.null.expand(b, -1, -1), self.text_proj(text_emb)]
+        masks = [torch.ones(b, 1, dtype=torch.bool, device=text_emb.device), text_mask.bool()]
+        if self.spec.cond_codebook_size:
+            if cond_tokens is None:
+                raise ValueError("a super-res transformer needs cond_tokens (the low-res tokens)")
+            c = self.cond_embed(cond_tokens)
+            for block in self.cond_blocks:
+                c = block(c)
+            parts.append(c)
+            masks.append(torch.ones(c.shape[:2], dtype=torch.bool, device=c.device))
+        if self.spec.scene_codebook_size and scene_tokens is not None:
+            present = scene_tokens >= 0
+            parts.append(self.scene_embed(scene_tokens.clamp_min(0)))
+            masks.append(present)
+        return self.memory_norm(torch.cat(parts, 1)), torch.cat(masks, 1)
+
+    def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every block's cross-attention keys and values for a memory (cache them across sampling steps)."""
+        return [block.cross.kv_of(memory) for block in self.blocks]
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
+                kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """tokens [B, N] (mask id where masked) -> logits [B, N, codebook_size]."""
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, memory, memory_mask, None if kv is None else kv[i])
+        return self.head(self.norm(x))
+
+    def flops_per_token(self, memory_len: int) -> float:
+        """Training FLOPs per image token (6 x matmul params + attention), for throughput and MFU figures."""
+        d, n = self.spec.dim, self.spec.side ** 2
+        per_block = 4 * d * d + 2 * d * d + 2 * d * d + 2 * self.spec.mlp_ratio * d * d  # self, cross q/out, kv, mlp
+        attn = 2 * n * d + 2 * memory_len * d
+        return 6 * self.spec.depth * per_block + 6 * self.spec.depth * attn + 6 * d * self.spec.codebook_size
+
+
+def save_transformer(model: MaskedTransformer, directory, extra: dict | None = None) -> None:
+    """`model.safetensors` + `config.json` (the spec and anything in `extra`)."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+              directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps({"spec": asdict(model.spec), **(extra or {})}, indent=2))
+
+
+def load_transformer(directory) -> tuple[MaskedTransformer, dict]:
+    """(model in eval mode, the saved config) from a directory written by `save_transformer`."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    model = MaskedTransformer(TransformerSpec(**config["spec"]))
+    model.load_state_dict(load_file(directory / "model.safetensors"))
+    return model.eval(), config

@@ -1,0 +1,157 @@
+"""Training a masked transformer (base or super-res) on the `tokens` artifact with the shared loop.
+
+The objective masks a random fraction r ~ arccos of the target tokens per sample, drops the
+text (hides it in the memory) for `text_drop_rate` of samples, and takes cross-entropy on
+the masked positions only. It logs accuracy on masked tokens and the loss per mask-rate
+bucket (low / mid / high r), the figures that say whether the model learns to fill in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from muse.artifacts.store import Artifact, ArtifactStore
+from muse.config import TextEncoderConfig, TrainConfig
+from muse.datasets.tokens import TokenTable, collate, token_batches
+from muse.masking import mask_tokens, sample_mask_rate
+from muse.models.transformer import MaskedTransformer, TransformerSpec, save_transformer
+from muse.training import TrainLoop, seed_everything
+
+log = logging.getLogger("muse.transformer_training")
+RATE_BUCKETS = ((0.0, 0.4), (0.4, 0.8), (0.8, 1.01))
+
+
+class CaptionMemory:
+    """Text embeddings of a batch: the precomputed columns, or the text encoder run on the captions."""
+
+    def __init__(self, encoder_cfg: TextEncoderConfig, precomputed: bool, device: torch.device):
+        self.encoder = None
+        if not precomputed:
+            from muse.models.text import load_text_encoder
+
+            self.encoder = load_text_encoder(encoder_cfg, device)
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.encoder is None:
+            emb = batch["text_emb"]
+            mask = torch.arange(emb.shape[1], device=emb.device)[None] < batch["text_len"][:, None]
+            return emb, mask
+        emb, mask = self.encoder.encode(batch["caption"])
+        return emb.to(batch["tokens_low"].device), mask.to(batch["tokens_low"].device)
+
+
+class MaskedObjective:
+    """Masked-token cross-entropy with text dropout (and the low-res condition for super-res)."""
+
+    def __init__(self, model: MaskedTransformer, target: str, text: CaptionMemory, text_drop_rate: float,
+                 label_smoothing: float, cond: str | None, seed: int):
+        self.model, self.target, self.text, self.cond = model, target, text, cond
+        self.text_drop_rate, self.label_smoothing = text_drop_rate, label_smoothing
+        self.modules: dict[str, nn.Module] = {"transformer": model}
+        self.optimizers = {"loss": ["transformer"]}
+        self.ema = ["transformer"]
+
+    def losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        tokens = batch[self.target]
+        b = tokens.shape[0]
+        rate = sample_mask_rate(b, device=tokens.device)
+        inputs, mask = mask_tokens(tokens, rate, self.model.spec.mask_id)
+        emb, text_mask = self.text(batch)
+        keep = torch.rand(b, device=tokens.device) >= self.text_drop_rate
+        scene = batch.get("seg_tokens") if self.model.spec.scene_codebook_size else None
+        memory, memory_mask = self.model.memory(emb, text_mask & keep[:, None],
+                                                batch[self.cond] if self.cond else None, scene)
+        logits = self.model(inputs, memory, memory_mask)
+        per_token = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none",
+                                    label_smoothing=self.label_smoothing)
+        loss = (per_token * mask).sum() / mask.sum()
+        with torch.no_grad():
+            acc = ((logits.argmax(-1) == tokens) & mask).sum() / mask.sum()
+            per_sample = (per_token * mask).sum(1) / mask.sum(1)
+            out = {"loss": loss, "masked_acc": acc}
+            for lo, hi in RATE_BUCKETS:
+                sel = (rate >= lo) & (rate < hi)
+                if sel.any():
+                    out[f"loss_r{lo:.1f}-{min(hi, 1.0):.1f}"] = per_sample[sel].mean()
+        return out
+
+
+@torch.no_grad()
+def masked_accuracy(model: MaskedTransformer, table: TokenTable, target: str, text: CaptionMemory,
+                    cond: str | None, device: torch.device, rate: float = 0.5, seed: int = 0) -> dict[str, float]:
+    """Val figures at a fixed mask rate: accuracy on masked tokens with and without the text, and chance."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    hits = {"text": 0, "no_text": 0}
+    total = 0
+    for start in range(0, len(table), 64):
+        batch = collate([table[i] for i in range(start, min(start + 64, len(table)))])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        tokens = batch[target]
+        inputs, mask = mask_tokens(tokens, torch.full((tokens.shape[0],), rate), model.spec.mask_id, gen)
+        emb, text_mask = text(batch)
+        for name, tm in (("text", text_mask), ("no_text", torch.zeros_like(text_mask))):
+            memory, memory_mask = model.memory(emb, tm, batch[cond] if cond else None,
+                                               batch.get("seg_tokens") if model.spec.scene_codebook_size else None)
+            pred = model(inputs, memory, memory_mask).argmax(-1)
+            hits[name] += int(((pred == tokens) & mask).sum())
+        total += int(mask.sum())
+    return {"val_masked_acc": round(hits["text"] / max(total, 1), 4),
+            "val_masked_acc_no_text": round(hits["no_text"] / max(total, 1), 4),
+            "chance": round(1 / model.spec.codebook_size, 5)}
+
+
+def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfig, text_drop_rate: float,
+                      label_smoothing: float, scene: bool, tokens: Artifact, target: str, cond: str | None,
+                      text_cfg: TextEncoderConfig, store: ArtifactStore, create_kwargs: dict,
+                      device: torch.device) -> Artifact:
+    """Train, evaluate and commit one masked transformer artifact (`base` or `superres`)."""
+    schema = json.loads((tokens.path / "_schema.json").read_text())
+    geometry, text_info = schema["geometry"], schema["text"]
+    precomputed = text_info is not None
+    text = CaptionMemory(text_cfg, precomputed, device)
+    text_dim = text_info["dim"] if precomputed else text.encoder.dim
+    spec = TransformerSpec(
+        dim=model_cfg.dim, depth=model_cfg.depth, heads=model_cfg.heads,
+        codebook_size=geometry[target]["codebook_size"], side=geometry[target]["side"], text_dim=text_dim,
+        cond_codebook_size=geometry[cond]["codebook_size"] if cond else 0,
+        cond_side=geometry[cond]["side"] if cond else 0, cond_depth=model_cfg.cond_depth,
+        scene_codebook_size=geometry["seg_tokens"]["codebook_size"] if scene else 0,
+        scene_side=geometry["seg_tokens"]["side"] if scene else 0)
+    seed_everything(train_cfg.seed)
+    model = MaskedTransformer(spec).to(device)
+    objective = MaskedObjective(model, target, text, text_drop_rate, label_smoothing, cond, train_cfg.seed)
+    version = store.version_of(create_kwargs["stage"], create_kwargs["config"], create_kwargs["inputs"],
+                               create_kwargs["code_version"])
+    work_dir = store.work_dir(kind, version)
+    columns = ["key", "caption", target, *([cond] if cond else []), *(["seg_tokens"] if scene else []),
+               *(["text_emb", "text_len"] if precomputed else [])]
+    train = TokenTable(tokens.path, "train", columns)
+    loop = TrainLoop(train_cfg, objective, work_dir, kind, device)
+    log.info("%s: %.2fM parameters, %d train rows, tokens %dx%d", kind,
+             sum(p.numel() for p in model.parameters()) / 1e6, len(train), spec.side, spec.side)
+    figures = loop.run(lambda position: token_batches(train, train_cfg.batch_size, train_cfg.seed, position))
+    trained = loop.trained("transformer")
+    try:
+        val = TokenTable(tokens.path, "val", columns)
+    except FileNotFoundError:
+        val = train
+    metrics = masked_accuracy(trained, val, target, text, cond, device)
+    with store.create(kind, **create_kwargs) as out:
+        save_transformer(trained, out.path, {"target": target, "cond": cond, "scene": scene, "text": text_info,
+                                             "text_encoder": text_cfg.model_dump(mode="json"),
+                                             "tokenizers": {k: g["tokenizer"] for k, g in geometry.items()}})
+        if (work_dir / "tensorboard").is_dir():
+            shutil.copytree(work_dir / "tensorboard", out.path / "tensorboard")
+        out.metrics = {**metrics, "steps": loop.step, "parameters": sum(p.numel() for p in trained.parameters()),
+                       **{f"train_{k}": round(v, 4) for k, v in figures.items() if "/" not in k}}
+        out.details = {"spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__}}
+    log.info("%s: %s", kind, metrics)
+    return out.artifact
+

@@ -1,0 +1,79 @@
+"""train-base, train-superres, finetune-decoder, evaluate and `muse generate` on the session's small store."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from muse.cli import main
+from muse.generate import Pipeline
+from muse.models.transformer import load_transformer
+from muse.models.vqgan import from_pretrained, load_decoder
+from muse.stages.finetune_decoder import tokenizer_digest
+
+
+def test_transformer_artifacts(trained_store):
+    _, _, arts = trained_store
+    for kind, target in (("base", "tokens_low"), ("superres", "tokens_high")):
+        m = arts[kind].manifest.metrics
+        assert m["steps"] == 4 and 0 <= m["val_masked_acc"] <= 1 and "train_masked_acc" in m
+        model, config = load_transformer(arts[kind].path)
+        assert config["target"] == target and model.spec.side == 4
+        assert (arts[kind].path / "tensorboard").is_dir()
+    assert load_transformer(arts["superres"].path)[0].spec.cond_codebook_size > 0
+
+
+def test_decoder_is_larger_and_the_tokenizer_is_untouched(trained_store):
+    _, _, arts = trained_store
+    decoder = load_decoder(arts["decoder"].path)
+    tokenizer = from_pretrained(arts["vqgan-high"].path)
+    old = sum(p.numel() for n, p in tokenizer.named_parameters() if n.startswith("decoder."))
+    assert sum(p.numel() for p in decoder.decoder.parameters()) > old
+    config = json.loads((arts["decoder"].path / "config.json").read_text())
+    assert config["tokenizer_sha256"] == tokenizer_digest(tokenizer)  # bit-identical encoder and codebook
+    m = arts["decoder"].manifest.metrics
+    assert {"old_psnr", "new_psnr", "psnr_gain"} <= set(m) and m["initialised_tensors"] > 0
+    assert (arts["decoder"].path / "previews" / "input-old-new.png").is_file()
+
+
+def test_report_has_the_figures_and_the_lineage(trained_store):
+    _, _, arts = trained_store
+    m = arts["report"].manifest.metrics
+    assert m["prompts"] == 4 and m["prompt_split"] == "val"
+    for part in ("colour", "shape", "position"):
+        assert 0 <= m[f"alignment_{part}"] <= 1
+    assert "random" in m["clip_weights"] and m["fid"] is None and "inception" in m["fid_skipped"]
+    assert m["vqgan-low_val_psnr"] == arts["vqgan-low"].manifest.metrics["psnr"]
+    lineage = arts["report"].manifest.details["lineage"]
+    assert lineage["decoder"] == arts["decoder"].version and lineage["base"] == arts["base"].version
+    assert len(list((arts["report"].path / "samples").glob("*.png"))) == 4
+
+
+def test_same_seed_same_image_and_the_finetuned_decoder_is_used(trained_store):
+    _, store, arts = trained_store
+    pipe = Pipeline.from_store(store)
+    assert pipe.decoder is not None and pipe.lineage["decoder"] == arts["decoder"].version
+    a = pipe.generate_tokens(["a red circle on the left"], steps=4, superres_steps=2, seed=5)
+    b = pipe.generate_tokens(["a red circle on the left"], steps=4, superres_steps=2, seed=5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    images = pipe(["a red circle on the left"], steps=4, superres_steps=2)
+    assert images[0].size == (32, 32)
+
+
+def test_generate_cli_with_a_prompts_file(trained_store, tmp_path, capsys):
+    _, store, _ = trained_store
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "red", "prompt": "a red circle"}\n{"id": "blue", "prompt": "a blue square", '
+                       '"negative": "red", "seed": 3}\n')
+    out = tmp_path / "out"
+    assert main(["generate", "--prompts", str(prompts), "--out", str(out), "--steps", "3", "--superres-steps", "2",
+                 "--store", str(store.root)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["blue.png", "red.png"]
+    assert main(["generate", "a green triangle", "--out", str(out), "--steps", "2", "--no-superres",
+                 "--store", str(store.root)]) == 0
+    assert (out / "0000.png").is_file()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "prompt": "ok"}\n{"prompt": "no id"}\n')
+    assert main(["generate", "--prompts", str(bad), "--store", str(store.root)]) == 2
+    assert f"{bad}:2: field 'id'" in capsys.readouterr().err

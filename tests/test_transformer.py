@@ -1,0 +1,140 @@
+"""Masked transformers: masking, the objective, the sampler, and the train-base / train-superres stages."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from muse.masking import mask_tokens, masked_after_step, sample_mask_rate
+from muse.models.transformer import MaskedTransformer, TransformerSpec
+from muse.sampling import SamplerConfig, decode, guidance_at, guided_logits
+
+SPEC = TransformerSpec(dim=32, depth=2, heads=4, codebook_size=16, side=4, text_dim=8)
+
+
+def _memory(model, b=2, length=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return model.memory(torch.randn(b, length, model.spec.text_dim, generator=g), torch.ones(b, length, dtype=torch.bool))
+
+
+def test_mask_rate_follows_the_arccos_density():
+    r = sample_mask_rate(200_000, torch.Generator().manual_seed(0))
+    assert float(r.mean()) == pytest.approx(2 / math.pi, abs=0.005)
+    ks = stats.kstest(r.numpy(), lambda x: 2 / math.pi * torch.asin(torch.as_tensor(x)).numpy())
+    assert ks.pvalue > 0.01
+    uniform = stats.kstest(torch.rand(200_000).numpy(), lambda x: 2 / math.pi * torch.asin(torch.as_tensor(x)).numpy())
+    assert uniform.pvalue < 1e-6  # the test can tell a wrong distribution apart
+
+
+def test_mask_tokens_masks_ceil_r_n_positions():
+    tokens = torch.arange(16).repeat(3, 1)
+    masked, mask = mask_tokens(tokens, torch.tensor([0.0, 0.5, 1.0]), 99, torch.Generator().manual_seed(0))
+    assert mask.sum(1).tolist() == [1, 8, 16]
+    assert torch.equal(masked[~mask], tokens[~mask]) and (masked[mask] == 99).all()
+
+
+def test_loss_only_on_masked_positions_and_text_drop_rate():
+    from muse.transformer_training import MaskedObjective
+
+    torch.manual_seed(0)
+    model = MaskedTransformer(SPEC)
+    seen = {}
+    original_memory = model.memory
+
+    def memory(emb, mask, *args):
+        seen["text_visible"] = mask.any(1)
+        return original_memory(emb, mask, *args)
+
+    model.memory = memory
+    outputs = {}
+
+    def keep_logits(module, inputs, output):
+        output.retain_grad()
+        outputs["logits"] = output
+
+    model.head.register_forward_hook(keep_logits)
+    text = lambda batch: (batch["text_emb"], torch.ones(batch["text_emb"].shape[:2], dtype=torch.bool))  # noqa: E731
+    objective = MaskedObjective(model, "tokens_low", text, text_drop_rate=0.3, label_smoothing=0.0, cond=None, seed=0)
+    batch = {"tokens_low": torch.randint(0, 16, (4000, 16)), "text_emb": torch.randn(4000, 3, 8)}
+    out = objective.losses(batch, 0)
+    out["loss"].backward()
+    grad_per_position = outputs["logits"].grad.abs().sum(-1)
+    masked = grad_per_position > 0
+    counts = masked.sum(1).float()
+    assert 0 < counts.min() and counts.mean() == pytest.approx(16 * 2 / math.pi, rel=0.05)  # ~ceil(r n), r~arccos
+    assert float(1 - seen["text_visible"].float().mean()) == pytest.approx(0.3, abs=0.03)
+
+
+def test_superres_uses_its_low_res_condition():
+    spec = TransformerSpec(dim=32, depth=2, heads=4, codebook_size=16, side=8, text_dim=8, cond_codebook_size=12,
+                           cond_side=4)
+    torch.manual_seed(0)
+    model = MaskedTransformer(spec).eval()
+    emb, mask = torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
+    tokens = torch.full((1, 64), spec.mask_id)
+    cond = torch.randint(0, 12, (1, 16))
+    a = model(tokens, *model.memory(emb, mask, cond))
+    b = model(tokens, *model.memory(emb, mask, torch.zeros_like(cond)))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="cond_tokens"):
+        model.memory(emb, mask)
+
+
+def test_cached_memory_kv_equals_uncached():
+    torch.manual_seed(0)
+    model = MaskedTransformer(SPEC).eval()
+    memory, mask = _memory(model)
+    tokens = torch.randint(0, 17, (2, 16))
+    assert torch.allclose(model(tokens, memory, mask), model(tokens, memory, mask, model.memory_kv(memory)), atol=1e-6)
+
+
+def test_guidance_formula_and_linear_ramp():
+    assert [guidance_at(s, 5, 2.0, "linear") for s in range(5)] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert guidance_at(0, 5, 2.0, "constant") == 2.0
+    c, u = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 3.0])
+    assert torch.allclose(guided_logits(c, u, 2.0), 3 * c - 2 * u)
+
+
+def test_sampler_schedule_known_tokens_and_determinism():
+    torch.manual_seed(0)
+    model = MaskedTransformer(SPEC).eval()
+    memory, mask = _memory(model)
+    u_memory, u_mask = model.memory(torch.zeros(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool))
+    cfg = SamplerConfig(steps=6, guidance_scale=2.0)
+    history = []
+    original = model.forward
+
+    def forward(tokens, *args, **kwargs):
+        history.append(tokens[:2].clone())
+        return original(tokens, *args, **kwargs)
+
+    model.forward = forward
+    out = decode(model, memory, mask, u_memory, u_mask, cfg, torch.Generator().manual_seed(1))
+    assert (out < 16).all() and len(history) == 6
+    masked_counts = [int((h[0] == 16).sum()) for h in history]
+    assert masked_counts == [16] + [masked_after_step(s, 6, 16) for s in range(5)]
+    for before, after in zip(history, history[1:] + [out]):
+        known = before != 16
+        assert torch.equal(after[known], before[known])  # unmasked tokens never change
+    model.forward = original
+    again = decode(model, memory, mask, u_memory, u_mask, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    # Inpainting: tokens outside the region stay bit-identical.
+    init = out.clone()
+    init[:, :5] = 16
+    inpainted = decode(model, memory, mask, u_memory, u_mask, cfg, torch.Generator().manual_seed(2), init)
+    assert torch.equal(inpainted[:, 5:], out[:, 5:]) and (inpainted[:, :5] < 16).all()
+
+
+def test_batched_guidance_equals_two_separate_passes():
+    torch.manual_seed(0)
+    model = MaskedTransformer(SPEC).eval()
+    memory, mask = _memory(model)
+    u_memory, u_mask = model.memory(torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool))
+    tokens = torch.randint(0, 17, (2, 16))
+    both = model(torch.cat([tokens, tokens]), torch.cat([memory, u_memory]), torch.cat([mask, u_mask]))
+    assert torch.allclose(both[:2], model(tokens, memory, mask), atol=1e-5)
+    assert torch.allclose(both[2:], model(tokens, u_memory, u_mask), atol=1e-5)
