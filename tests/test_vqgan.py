@@ -129,3 +129,18 @@ def test_stage_trains_all_three_tokenizers(ray_local, store, small_config):
     # A rerun finds every tokenizer committed and trains nothing.
     again = train_vqgan.run(cfg, {"shards": shards, "segments": segments}, store)
     assert {a.manifest.seq for a in again} == {1}
+
+
+def test_a_deeper_decoder_starts_as_the_trained_one():
+    from muse.models.vqgan import LatentDecoder, init_from
+
+    cfg = VQModelConfig(resolution=32, ch=16, ch_mult=[1, 2, 2, 4], num_res_blocks=1, embed_dim=32,
+                        codebook_size=64, code_dim=8)
+    torch.manual_seed(0)
+    old = VQModel(cfg).eval()
+    new = LatentDecoder(cfg, 3, extra_res_blocks=2).eval()
+    assert init_from(new, old) > 10
+    z = torch.randn(2, 32, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(new(z), old.decode(z))  # extra ResBlocks start as the identity
+    assert sum(p.numel() for p in new.parameters()) > sum(p.numel() for p in old.decoder.parameters())

@@ -238,20 +238,51 @@ class LatentDecoder(nn.Module):
         return self.decoder.conv_out.weight
 
 
+def _copy_corner(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy the overlapping corner; for conv/linear weights, zero what new input channels feed old outputs
+    so the old channels compute what they computed before."""
+    corner = tuple(slice(0, min(a, b)) for a, b in zip(target.shape, value.shape))
+    target[corner] = value[corner]
+    if target.dim() >= 2 and target.shape[1] > value.shape[1]:
+        target[: value.shape[0], value.shape[1]:] = 0
+
+
 @torch.no_grad()
 def init_from(new: LatentDecoder, old: VQModel) -> int:
-    """Copy what shapes allow from a trained model's decoder: equal tensors by name, else the overlapping
-    corner (the old channels of a wider layer). Returns how many tensors were initialised."""
-    source = {k: v for k, v in old.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
-    copied = 0
-    for name, target in new.state_dict().items():
-        value = source.get(name)
-        if value is None or value.dim() != target.dim():
-            continue
-        corner = tuple(slice(0, min(a, b)) for a, b in zip(target.shape, value.shape))
-        target[corner] = value[corner]
-        copied += 1
-    return copied
+    """Start the larger decoder from a trained one: the post-quant conv, then the decoder's layers matched in
+    order (an old layer to the next new layer of the same type; the extra ResBlocks sit at the end of each
+    level and are skipped) with weights copied where shapes allow. Extra ResBlocks start as the identity
+    (their last conv zeroed). Returns how many layers were initialised."""
+    new.post_quant_conv.load_state_dict(old.post_quant_conv.state_dict())
+    new_layers = list(new.decoder.net) + [new.decoder.conv_out]
+    old_layers = list(old.decoder.net) + [old.decoder.conv_out]
+    matched, j = 0, 0
+    for i, layer in enumerate(old_layers):
+        while j < len(new_layers) and type(new_layers[j]) is not type(layer):
+            _identity_start(new_layers[j])
+            j += 1
+        if j == len(new_layers):
+            break
+        target = dict(new_layers[j].named_parameters())
+        for name, value in layer.named_parameters():
+            if name in target and target[name].dim() == value.dim():
+                _copy_corner(target[name].data, value.data)
+        matched += 1
+        j += 1
+        # The old level's last ResBlock: the new ResBlocks that follow it are the extra ones.
+        level_ends = isinstance(layer, ResBlock) and not (i + 1 < len(old_layers)
+                                                          and isinstance(old_layers[i + 1], ResBlock))
+        while level_ends and j < len(new_layers) and isinstance(new_layers[j], ResBlock):
+            _identity_start(new_layers[j])
+            j += 1
+    return matched
+
+
+def _identity_start(layer: nn.Module) -> None:
+    """A ResBlock whose residual branch outputs zero: it passes its input through until it learns."""
+    if isinstance(layer, ResBlock) and isinstance(layer.skip, nn.Identity):
+        nn.init.zeros_(layer.block[-1].weight)
+        nn.init.zeros_(layer.block[-1].bias)
 
 
 def save_decoder(decoder: LatentDecoder, directory, extra: dict | None = None) -> None:
