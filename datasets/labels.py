@@ -113,3 +113,17 @@ def palette(size: int) -> np.ndarray:
     hues = [(i * 0.618034) % 1 for i in range(1, size)]
     colours = [(0, 0, 0)] + [tuple(int(255 * v) for v in colorsys.hsv_to_rgb(h, 0.65, 0.95)) for h in hues]
     return np.array(colours, np.uint8)
+
+
+def boundaries(ids: np.ndarray, inside: np.ndarray | None = None) -> np.ndarray:
+    """Pixels whose right or lower neighbour has another id (both sides marked), optionally only inside a mask."""
+    edge = np.zeros(ids.shape, bool)
+    dx = ids[:, 1:] != ids[:, :-1]
+    dy = ids[1:, :] != ids[:-1, :]
+    edge[:, 1:] |= dx
+    edge[:, :-1] |= dx
+    edge[1:, :] |= dy
+    edge[:-1, :] |= dy
+    if inside is not None:
+        edge &= inside
+    return edge

@@ -25,6 +25,14 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one key, e.g. --set train_base.train.steps=100 (repeatable)")
 
 
+def _sampling_args(p: argparse.ArgumentParser, steps: int) -> None:
+    p.add_argument("--steps", type=int, default=steps, help=f"base sampling steps (default {steps})")
+    p.add_argument("--superres-steps", type=int, default=8, help="super-res sampling steps (default 8)")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="final CFG scale t (default 3.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-superres", action="store_true", help="decode the base tokens with vqgan-low")
+
+
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
     out = {}
     for item in items:
@@ -146,6 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     items = _prompts(args)
     pipe = Pipeline.from_store(_store(args))
+    scene = _scene(pipe, args.scene, args.scene_edges) if args.scene else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     groups: dict[tuple, list[dict]] = {}  # prompts sharing a seed and a negative prompt go in one batch
@@ -157,11 +166,67 @@ def cmd_generate(args: argparse.Namespace) -> int:
             prompts = [b["prompt"] for b in batch]
             images = pipe(prompts, negative=None if negative is None else [negative] * len(batch), steps=args.steps,
                           superres_steps=args.superres_steps, guidance_scale=args.guidance_scale, seed=seed + i,
-                          superres=not args.no_superres)
+                          superres=not args.no_superres, scene=scene)
             for b, img in zip(batch, images):
                 img.save(out / f"{b['id']}.png")
                 print(out / f"{b['id']}.png")
     print(f"lineage: {json.dumps(pipe.lineage, sort_keys=True)}", file=sys.stderr)
+    return 0
+
+
+def _scene(pipe, labels_path: str, edges_path: str | None):
+    """Scene tokens from a label-map PNG (label-space ids, as the segments artifact writes them)."""
+    import numpy as np
+    from PIL import Image
+
+    from muse.editing import scene_tokens
+
+    if pipe.vq_seg is None:
+        raise ConfigError("--scene: this base model was trained without scene tokens "
+                          "(set train_base.scene_conditioning: true and retrain)")
+    labels = np.asarray(Image.open(labels_path)).astype(np.int64)
+    if labels.ndim != 2:
+        raise ConfigError(f"{labels_path}: a label map must be a one-channel PNG of label ids, got shape {labels.shape}")
+    edges = np.asarray(Image.open(edges_path).convert("L")) > 127 if edges_path else None
+    try:
+        return scene_tokens(pipe.vq_seg, labels, edges)
+    except ValueError as e:
+        raise ConfigError(f"{labels_path}: {e}") from e
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from muse.editing import edit_tokens, outpaint_canvas
+    from muse.generate import Pipeline, to_images
+
+    modes = sum([args.mask is not None, args.outpaint is not None, args.no_mask])
+    if modes != 1:
+        raise ConfigError("choose one edit: --mask MASK.png (inpaint), --outpaint FRACTION, or --no-mask")
+    image = Image.open(args.image)
+    mask = Image.open(args.mask) if args.mask else None
+    if mask is not None and mask.size != image.size:
+        raise ConfigError(f"{args.mask}: mask is {mask.size[0]}x{mask.size[1]}, image {args.image} is "
+                          f"{image.size[0]}x{image.size[1]}")
+    if args.outpaint is not None:
+        try:
+            image, mask = outpaint_canvas(image, args.outpaint, args.outpaint_side)
+        except ValueError as e:
+            raise ConfigError(f"--outpaint: {e}") from e
+    pipe = Pipeline.from_store(_store(args))
+    tokens = edit_tokens(pipe, image, args.prompt, mask, negative=args.negative, steps=args.steps,
+                         superres_steps=args.superres_steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                         superres=not args.no_superres, mask_free_iterations=args.iterations,
+                         mask_free_fraction=args.edit_fraction)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    to_images(pipe.decode_tokens(tokens))[0].save(out)
+    changed = int((tokens["tokens_low"] != tokens["original_low"]).sum())
+    print(out)
+    print(f"base tokens changed: {changed}/{tokens['tokens_low'].numel()}; "
+          f"lineage: {json.dumps(pipe.lineage, sort_keys=True)}", file=sys.stderr)
     return 0
 
 
@@ -215,14 +280,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one JSON object a line: id, prompt, optional negative and seed; writes OUT/<id>.png")
     p.add_argument("--negative", help="negative prompt (replaces the unconditional logits)")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
-    p.add_argument("--steps", type=int, default=24, help="base sampling steps (default 24)")
-    p.add_argument("--superres-steps", type=int, default=8, help="super-res sampling steps (default 8)")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="final CFG scale t (default 3.0)")
-    p.add_argument("--seed", type=int, default=0)
+    _sampling_args(p, steps=24)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--no-superres", action="store_true", help="decode the base tokens with vqgan-low")
+    p.add_argument("--scene", metavar="LABELMAP.png", help="lay out the images by a label map (one-channel PNG of "
+                   "label-space ids); needs a base model trained with train_base.scene_conditioning")
+    p.add_argument("--scene-edges", metavar="EDGES.png", help="edge map for --scene (default: the label boundaries)")
     _store_arg(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("edit", help="edit an image under a prompt: inpaint a mask, outpaint a margin, or mask-free",
+                       description="Resample some of IMAGE's tokens under PROMPT; the rest stay the image's own.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--prompt", required=True, help="what the edited image shows")
+    p.add_argument("--mask", metavar="MASK.png", help="inpaint: white pixels (> 127) are regenerated")
+    p.add_argument("--outpaint", type=float, metavar="FRACTION",
+                   help="outpaint: shrink the image by FRACTION and generate the new margin")
+    p.add_argument("--outpaint-side", default="all", choices=["all", "left", "right", "top", "bottom"],
+                   help="where the new margin goes (default: all around)")
+    p.add_argument("--no-mask", action="store_true",
+                   help="mask-free: repeatedly resample the tokens least likely under the prompt")
+    p.add_argument("--iterations", type=int, default=6, help="mask-free rounds (default 6)")
+    p.add_argument("--edit-fraction", type=float, default=0.15,
+                   help="mask-free: share of base tokens resampled per round (default 0.15)")
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--out", default="edited.png", help="output PNG (default: edited.png)")
+    _sampling_args(p, steps=12)
+    _store_arg(p)
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("serve", help="register and serve deployments muse/full-train and muse/<stage> "
                        "(needs a Prefect API server; see infra/)")

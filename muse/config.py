@@ -278,6 +278,8 @@ class TrainBaseConfig(Section):
     text_drop_rate: float = Field(0.1, ge=0, le=1, description="Fraction of samples trained without text (CFG).")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the masked-token cross-entropy.")
     scene_conditioning: bool = Field(False, description="Add the scene tokens (seg_tokens) to the memory.")
+    scene_drop_rate: float = Field(0.5, ge=0, le=1, description="With scene conditioning: fraction of samples "
+                                   "trained without scene tokens, so the model also generates from text alone.")
 
 
 class TrainSuperResConfig(Section):
@@ -288,6 +290,8 @@ class TrainSuperResConfig(Section):
     text_drop_rate: float = Field(0.1, ge=0, le=1, description="Fraction of samples trained without text (CFG).")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the masked-token cross-entropy.")
     scene_conditioning: bool = Field(False, description="Add the scene tokens (seg_tokens) to the memory.")
+    scene_drop_rate: float = Field(0.5, ge=0, le=1, description="With scene conditioning: fraction of samples "
+                                   "trained without scene tokens, so the model also generates from text alone.")
 
 
 class FinetuneDecoderConfig(Section):

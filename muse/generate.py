@@ -41,6 +41,11 @@ class Pipeline:
         low = store.resolve(config["tokenizers"]["tokens_low"])
         self.vq_low = from_pretrained(low.path).to(self.device)
         self.lineage["vqgan-low"] = low.version
+        self.vq_seg = None  # the scene tokenizer, when the base model was trained with scene tokens
+        if config["scene"]:
+            seg = store.resolve(config["tokenizers"]["seg_tokens"])
+            self.vq_seg = from_pretrained(seg.path).to(self.device)
+            self.lineage["vqseg"] = seg.version
         self.superres: MaskedTransformer | None = None
         self.decoder = None
         if "superres" in pins or store.latest_version("superres") is not None:
@@ -61,7 +66,7 @@ class Pipeline:
         return cls(store, device, pins)
 
     def _memory(self, model: MaskedTransformer, prompts: list[str], cond: torch.Tensor | None = None,
-                drop: bool = False):
+                drop: bool = False, scene: torch.Tensor | None = None):
         emb, mask = self.text.encode(prompts)
         length = min(emb.shape[1], self.max_length)
         # Pad to max_length so prompt and negative-prompt memories batch together (padding is masked).
@@ -72,29 +77,38 @@ class Pipeline:
         emb, mask = padded, full_mask
         if drop:
             mask = torch.zeros_like(mask)
-        return model.memory(emb, mask, cond)
+        if scene is not None:
+            scene = scene.expand(emb.shape[0], -1)
+        return model.memory(emb, mask, cond, scene)
 
     def _tokens(self, model: MaskedTransformer, prompts: list[str], negative: list[str] | None, cfg: SamplerConfig,
                 generator: torch.Generator, cond: torch.Tensor | None = None,
-                tokens: torch.Tensor | None = None) -> torch.Tensor:
-        memory, mask = self._memory(model, prompts, cond)
+                tokens: torch.Tensor | None = None, scene: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample token grids; the scene (a layout) conditions both guidance branches, only the text is dropped."""
+        memory, mask = self._memory(model, prompts, cond, scene=scene)
         if negative is not None:
-            u_memory, u_mask = self._memory(model, negative, cond)
+            u_memory, u_mask = self._memory(model, negative, cond, scene=scene)
         else:
-            u_memory, u_mask = self._memory(model, prompts, cond, drop=True)
+            u_memory, u_mask = self._memory(model, prompts, cond, drop=True, scene=scene)
         return decode(model, memory, mask, u_memory, u_mask, cfg, generator, tokens)
 
     @torch.no_grad()
     def generate_tokens(self, prompts: list[str], negative: list[str] | None = None, steps: int = 24,
                         superres_steps: int = 8, guidance_scale: float = 3.0, seed: int = 0,
-                        superres: bool = True, sampler: SamplerConfig | None = None) -> dict[str, torch.Tensor]:
+                        superres: bool = True, sampler: SamplerConfig | None = None,
+                        scene: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Base (then super-res) token grids for the prompts; `scene` is [1, n] scene tokens (see
+        `muse.editing.scene_tokens`) laid out for every prompt, for a base model trained with them."""
+        if scene is not None and self.vq_seg is None:
+            raise ValueError("this base model was trained without scene tokens (train_base.scene_conditioning: false)")
         sampler = replace(sampler or SamplerConfig(), guidance_scale=guidance_scale)
         gen = torch.Generator(self.device).manual_seed(seed)
-        low = self._tokens(self.base, prompts, negative, replace(sampler, steps=steps), gen)
+        low = self._tokens(self.base, prompts, negative, replace(sampler, steps=steps), gen, scene=scene)
         out = {"tokens_low": low}
         if superres and self.superres is not None:
+            sr_scene = scene if self.superres.spec.scene_codebook_size else None
             out["tokens_high"] = self._tokens(self.superres, prompts, negative, replace(sampler, steps=superres_steps),
-                                              gen, cond=low)
+                                              gen, cond=low, scene=sr_scene)
         return out
 
     @torch.no_grad()

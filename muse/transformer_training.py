@@ -50,9 +50,10 @@ class MaskedObjective:
     """Masked-token cross-entropy with text dropout (and the low-res condition for super-res)."""
 
     def __init__(self, model: MaskedTransformer, target: str, text: CaptionMemory, text_drop_rate: float,
-                 label_smoothing: float, cond: str | None, seed: int):
+                 label_smoothing: float, cond: str | None, seed: int, scene_drop_rate: float = 0.0):
         self.model, self.target, self.text, self.cond = model, target, text, cond
         self.text_drop_rate, self.label_smoothing = text_drop_rate, label_smoothing
+        self.scene_drop_rate = scene_drop_rate
         self.modules: dict[str, nn.Module] = {"transformer": model}
         self.optimizers = {"loss": ["transformer"]}
         self.ema = ["transformer"]
@@ -65,6 +66,8 @@ class MaskedObjective:
         emb, text_mask = self.text(batch)
         keep = torch.rand(b, device=tokens.device) >= self.text_drop_rate
         scene = batch.get("seg_tokens") if self.model.spec.scene_codebook_size else None
+        if scene is not None:  # -1 hides the scene: the model learns text-only generation too
+            scene = scene.masked_fill((torch.rand(b, device=tokens.device) < self.scene_drop_rate)[:, None], -1)
         memory, memory_mask = self.model.memory(emb, text_mask & keep[:, None],
                                                 batch[self.cond] if self.cond else None, scene)
         logits = self.model(inputs, memory, memory_mask)
@@ -108,7 +111,7 @@ def masked_accuracy(model: MaskedTransformer, table: TokenTable, target: str, te
 
 
 def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfig, text_drop_rate: float,
-                      label_smoothing: float, scene: bool, tokens: Artifact, target: str, cond: str | None,
+                      label_smoothing: float, scene: bool, scene_drop_rate: float, tokens: Artifact, target: str, cond: str | None,
                       text_cfg: TextEncoderConfig, store: ArtifactStore, create_kwargs: dict,
                       device: torch.device) -> Artifact:
     """Train, evaluate and commit one masked transformer artifact (`base` or `superres`)."""
@@ -126,7 +129,8 @@ def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfi
         scene_side=geometry["seg_tokens"]["side"] if scene else 0)
     seed_everything(train_cfg.seed)
     model = MaskedTransformer(spec).to(device)
-    objective = MaskedObjective(model, target, text, text_drop_rate, label_smoothing, cond, train_cfg.seed)
+    objective = MaskedObjective(model, target, text, text_drop_rate, label_smoothing, cond, train_cfg.seed,
+                                scene_drop_rate)
     version = store.version_of(create_kwargs["stage"], create_kwargs["config"], create_kwargs["inputs"],
                                create_kwargs["code_version"])
     work_dir = store.work_dir(kind, version)

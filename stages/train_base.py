@@ -29,5 +29,6 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return train_transformer(kind="base", stage=NAME, model_cfg=c.model, train_cfg=c.train,
                              text_drop_rate=c.text_drop_rate, label_smoothing=c.label_smoothing,
-                             scene=c.scene_conditioning, tokens=tokens, target="tokens_low", cond=None,
+                             scene=c.scene_conditioning, scene_drop_rate=c.scene_drop_rate,
+                             tokens=tokens, target="tokens_low", cond=None,
                              text_cfg=config.tokenize.text_encoder, store=store, create_kwargs=create, device=device)

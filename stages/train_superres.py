@@ -30,5 +30,6 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return train_transformer(kind="superres", stage=NAME, model_cfg=c.model, train_cfg=c.train,
                              text_drop_rate=c.text_drop_rate, label_smoothing=c.label_smoothing,
-                             scene=c.scene_conditioning, tokens=tokens, target="tokens_high", cond="tokens_low",
+                             scene=c.scene_conditioning, scene_drop_rate=c.scene_drop_rate,
+                             tokens=tokens, target="tokens_high", cond="tokens_low",
                              text_cfg=config.tokenize.text_encoder, store=store, create_kwargs=create, device=device)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from muse.datasets.labels import LabelSpace
+from muse.datasets.labels import LabelSpace, boundaries
 
 
 @dataclass
@@ -22,20 +22,6 @@ class SegmentMaps:
 
     labels: np.ndarray  # [H, W] int, ids of the shared label space
     instances: np.ndarray  # [H, W] int, distinct per instance / part region
-
-
-def boundaries(ids: np.ndarray, inside: np.ndarray | None = None) -> np.ndarray:
-    """Pixels whose right or lower neighbour has another id (both sides marked), optionally only inside a mask."""
-    edge = np.zeros(ids.shape, bool)
-    dx = ids[:, 1:] != ids[:, :-1]
-    dy = ids[1:, :] != ids[:-1, :]
-    edge[:, 1:] |= dx
-    edge[:, :-1] |= dx
-    edge[1:, :] |= dy
-    edge[:-1, :] |= dy
-    if inside is not None:
-        edge &= inside
-    return edge
 
 
 def merge(
