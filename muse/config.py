@@ -145,6 +145,14 @@ class RayConfig(Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray; None = all cores.")
 
 
+class WorkersConfig(Section):
+    """Data-parallel scale-out of a training stage on Ray Train (DDP; the data is sharded by rank)."""
+
+    num_workers: int = Field(1, ge=1, description="Training processes; 1 trains in-process without Ray.")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); False = CPU workers (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker.")
+
+
 class PanopticSegmenterConfig(Section):
     """detectron2 panoptic model (optional extra)."""
 
@@ -280,6 +288,7 @@ class TrainBaseConfig(Section):
     scene_conditioning: bool = Field(False, description="Add the scene tokens (seg_tokens) to the memory.")
     scene_drop_rate: float = Field(0.5, ge=0, le=1, description="With scene conditioning: fraction of samples "
                                    "trained without scene tokens, so the model also generates from text alone.")
+    workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Ray Train data parallelism.")
 
 
 class TrainSuperResConfig(Section):

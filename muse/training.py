@@ -100,8 +100,11 @@ class TrainLoop:
     """Runs an Objective for `cfg.steps` optimizer steps, checkpointing into `work_dir`."""
 
     def __init__(self, cfg: TrainConfig, objective: Objective, work_dir: Path, name: str,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", rank: int = 0):
+        """`rank` > 0 (a data-parallel worker other than the first) trains but writes nothing: no checkpoint,
+        log, progress bar or TensorBoard event."""
         self.cfg, self.objective, self.work_dir, self.name = cfg, objective, Path(work_dir), name
+        self.rank = rank
         self.device = torch.device(device)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.optimizers = {
@@ -179,6 +182,8 @@ class TrainLoop:
         """
         cfg = self.cfg
         self.resume()
+        if self.rank > 0:  # the checkpoint holds rank 0's RNG: give this rank its own masks and dropout
+            seed_everything(hash((cfg.seed, self.rank, self.step)) % 2**31)
         end = cfg.steps if max_steps is None else min(cfg.steps, self.step + max_steps)
         batches = data(self.position)
         params = {opt: [p for m in mods for p in self.objective.modules[m].parameters() if p.requires_grad]
@@ -187,12 +192,14 @@ class TrainLoop:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(log_dir=str(self.work_dir / "tensorboard"), purge_step=self.step)
+            if self.rank == 0:
+                writer = SummaryWriter(log_dir=str(self.work_dir / "tensorboard"), purge_step=self.step)
         except ImportError:  # tensorboard is optional
             pass
         figures: dict[str, float] = {}
         start_step, t0 = self.step, time.perf_counter()
-        bar = tqdm(total=end, initial=self.step, desc=self.name, unit="step", mininterval=2.0)
+        bar = tqdm(total=end, initial=self.step, desc=self.name, unit="step", mininterval=2.0,
+                   disable=self.rank > 0)
         for m in self.objective.modules.values():
             m.train()
         try:
@@ -228,7 +235,7 @@ class TrainLoop:
                 self.position += samples
                 bar.update(1)
                 figures = sums
-                if self.step % cfg.log_every == 0 or self.step == end:
+                if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == end):
                     elapsed = time.perf_counter() - t0
                     rate = (self.step - start_step) / max(elapsed, 1e-9)
                     figures["samples_per_s"] = rate * samples
@@ -240,7 +247,7 @@ class TrainLoop:
                     if writer is not None:
                         for k, v in figures.items():
                             writer.add_scalar(f"{self.name}/{k}", v, self.step)
-                if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                if self.rank == 0 and (self.step % cfg.checkpoint_every == 0 or self.step == end):
                     self.save()
         finally:
             bar.close()

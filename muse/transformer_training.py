@@ -11,20 +11,26 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from muse.artifacts.store import Artifact, ArtifactStore
-from muse.config import TextEncoderConfig, TrainConfig
+from safetensors.torch import load_file, save_file
+
+from muse.config import RayConfig, TextEncoderConfig, TrainConfig, WorkersConfig
 from muse.datasets.tokens import TokenTable, collate, token_batches
+from muse.distributed import fit, rank_world, worker_device, wrap_ddp
 from muse.masking import mask_tokens, sample_mask_rate
 from muse.models.transformer import MaskedTransformer, TransformerSpec, save_transformer
 from muse.training import TrainLoop, seed_everything
 
 log = logging.getLogger("muse.transformer_training")
 RATE_BUCKETS = ((0.0, 0.4), (0.4, 0.8), (0.8, 1.01))
+TRAINED = "trained.safetensors"  # rank 0's final (EMA) weights in the work dir, read back by the driver
 
 
 class CaptionMemory:
@@ -46,14 +52,27 @@ class CaptionMemory:
         return emb.to(batch["tokens_low"].device), mask.to(batch["tokens_low"].device)
 
 
+class MaskedLM(nn.Module):
+    """memory + forward as one module, so DDP sees a single forward whose backward averages every gradient."""
+
+    def __init__(self, model: MaskedTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, text_emb, text_mask, cond_tokens, scene_tokens) -> torch.Tensor:
+        memory, memory_mask = self.model.memory(text_emb, text_mask, cond_tokens, scene_tokens)
+        return self.model(inputs, memory, memory_mask)
+
+
 class MaskedObjective:
     """Masked-token cross-entropy with text dropout (and the low-res condition for super-res)."""
 
     def __init__(self, model: MaskedTransformer, target: str, text: CaptionMemory, text_drop_rate: float,
-                 label_smoothing: float, cond: str | None, seed: int, scene_drop_rate: float = 0.0):
+                 label_smoothing: float, cond: str | None, scene_drop_rate: float = 0.0):
         self.model, self.target, self.text, self.cond = model, target, text, cond
         self.text_drop_rate, self.label_smoothing = text_drop_rate, label_smoothing
         self.scene_drop_rate = scene_drop_rate
+        self.forward = wrap_ddp(MaskedLM(model))  # DDP inside a Ray Train process group, plain otherwise
         self.modules: dict[str, nn.Module] = {"transformer": model}
         self.optimizers = {"loss": ["transformer"]}
         self.ema = ["transformer"]
@@ -68,9 +87,7 @@ class MaskedObjective:
         scene = batch.get("seg_tokens") if self.model.spec.scene_codebook_size else None
         if scene is not None:  # -1 hides the scene: the model learns text-only generation too
             scene = scene.masked_fill((torch.rand(b, device=tokens.device) < self.scene_drop_rate)[:, None], -1)
-        memory, memory_mask = self.model.memory(emb, text_mask & keep[:, None],
-                                                batch[self.cond] if self.cond else None, scene)
-        logits = self.model(inputs, memory, memory_mask)
+        logits = self.forward(inputs, emb, text_mask & keep[:, None], batch[self.cond] if self.cond else None, scene)
         per_token = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none",
                                     label_smoothing=self.label_smoothing)
         loss = (per_token * mask).sum() / mask.sum()
@@ -110,11 +127,57 @@ def masked_accuracy(model: MaskedTransformer, table: TokenTable, target: str, te
             "chance": round(1 / model.spec.codebook_size, 5)}
 
 
-def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfig, text_drop_rate: float,
-                      label_smoothing: float, scene: bool, scene_drop_rate: float, tokens: Artifact, target: str, cond: str | None,
+@dataclass
+class TransformerJob:
+    """Everything a training worker needs, picklable for Ray Train."""
+
+    kind: str
+    spec: TransformerSpec
+    train_cfg: TrainConfig
+    text_cfg: TextEncoderConfig
+    precomputed_text: bool
+    tokens_path: Path
+    columns: list[str]
+    target: str
+    cond: str | None
+    text_drop_rate: float
+    label_smoothing: float
+    scene_drop_rate: float
+    work_dir: Path
+
+    @property
+    def trained_path(self) -> Path:
+        return self.work_dir / TRAINED
+
+
+def fit_worker(job: TransformerJob) -> dict:
+    """Train on this worker's shard of the rows (rank-strided row groups); rank 0 saves the (EMA) weights."""
+    rank, world = rank_world()
+    device = worker_device()
+    seed_everything(job.train_cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = MaskedTransformer(job.spec).to(device)
+    text = CaptionMemory(job.text_cfg, job.precomputed_text, device)
+    objective = MaskedObjective(model, job.target, text, job.text_drop_rate, job.label_smoothing, job.cond,
+                                job.scene_drop_rate)
+    train = TokenTable(job.tokens_path, "train", job.columns)
+    loop = TrainLoop(job.train_cfg, objective, job.work_dir, job.kind, device, rank=rank)
+    if rank == 0:
+        log.info("%s: %.2fM parameters, %d train rows, tokens %dx%d, %d worker(s)", job.kind,
+                 sum(p.numel() for p in model.parameters()) / 1e6, len(train), job.spec.side, job.spec.side, world)
+    bs, seed = job.train_cfg.batch_size, job.train_cfg.seed
+    figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world))
+    if rank == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in loop.trained("transformer").state_dict().items()},
+                  str(job.trained_path))
+    return {**figures, "steps": loop.step, "workers": world}
+
+
+def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfig, workers: WorkersConfig,
+                      ray_cfg: RayConfig, text_drop_rate: float, label_smoothing: float, scene: bool,
+                      scene_drop_rate: float, tokens: Artifact, target: str, cond: str | None,
                       text_cfg: TextEncoderConfig, store: ArtifactStore, create_kwargs: dict,
                       device: torch.device) -> Artifact:
-    """Train, evaluate and commit one masked transformer artifact (`base` or `superres`)."""
+    """Train (in-process, or on Ray Train workers), evaluate and commit one masked transformer (`base`/`superres`)."""
     schema = json.loads((tokens.path / "_schema.json").read_text())
     geometry, text_info = schema["geometry"], schema["text"]
     precomputed = text_info is not None
@@ -127,25 +190,21 @@ def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfi
         cond_side=geometry[cond]["side"] if cond else 0, cond_depth=model_cfg.cond_depth,
         scene_codebook_size=geometry["seg_tokens"]["codebook_size"] if scene else 0,
         scene_side=geometry["seg_tokens"]["side"] if scene else 0)
-    seed_everything(train_cfg.seed)
-    model = MaskedTransformer(spec).to(device)
-    objective = MaskedObjective(model, target, text, text_drop_rate, label_smoothing, cond, train_cfg.seed,
-                                scene_drop_rate)
     version = store.version_of(create_kwargs["stage"], create_kwargs["config"], create_kwargs["inputs"],
                                create_kwargs["code_version"])
     work_dir = store.work_dir(kind, version)
     columns = ["key", "caption", target, *([cond] if cond else []), *(["seg_tokens"] if scene else []),
                *(["text_emb", "text_len"] if precomputed else [])]
-    train = TokenTable(tokens.path, "train", columns)
-    loop = TrainLoop(train_cfg, objective, work_dir, kind, device)
-    log.info("%s: %.2fM parameters, %d train rows, tokens %dx%d", kind,
-             sum(p.numel() for p in model.parameters()) / 1e6, len(train), spec.side, spec.side)
-    figures = loop.run(lambda position: token_batches(train, train_cfg.batch_size, train_cfg.seed, position))
-    trained = loop.trained("transformer")
+    job = TransformerJob(kind, spec, train_cfg, text_cfg, precomputed, tokens.path, columns, target, cond,
+                         text_drop_rate, label_smoothing, scene_drop_rate, work_dir)
+    figures = fit(fit_worker, job, workers, ray_cfg, work_dir)
+    trained = MaskedTransformer(spec)
+    trained.load_state_dict(load_file(str(job.trained_path)))
+    trained.to(device)
     try:
         val = TokenTable(tokens.path, "val", columns)
     except FileNotFoundError:
-        val = train
+        val = TokenTable(tokens.path, "train", columns)
     metrics = masked_accuracy(trained, val, target, text, cond, device)
     with store.create(kind, **create_kwargs) as out:
         save_transformer(trained, out.path, {"target": target, "cond": cond, "scene": scene, "text": text_info,
@@ -153,9 +212,10 @@ def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfi
                                              "tokenizers": {k: g["tokenizer"] for k, g in geometry.items()}})
         if (work_dir / "tensorboard").is_dir():
             shutil.copytree(work_dir / "tensorboard", out.path / "tensorboard")
-        out.metrics = {**metrics, "steps": loop.step, "parameters": sum(p.numel() for p in trained.parameters()),
+        steps = int(figures.pop("steps"))
+        out.metrics = {**metrics, "steps": steps, "workers": int(figures.pop("workers")),
+                       "parameters": sum(p.numel() for p in trained.parameters()),
                        **{f"train_{k}": round(v, 4) for k, v in figures.items() if "/" not in k}}
         out.details = {"spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__}}
     log.info("%s: %s", kind, metrics)
     return out.artifact
-

@@ -27,7 +27,8 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     create = {"stage": NAME, "config": config_of(config), "inputs": {"tokens": tokens.version},
               "code_version": CODE_VERSION}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return train_transformer(kind="base", stage=NAME, model_cfg=c.model, train_cfg=c.train,
+    return train_transformer(kind="base", stage=NAME, model_cfg=c.model, train_cfg=c.train, workers=c.workers,
+                             ray_cfg=config.ray,
                              text_drop_rate=c.text_drop_rate, label_smoothing=c.label_smoothing,
                              scene=c.scene_conditioning, scene_drop_rate=c.scene_drop_rate,
                              tokens=tokens, target="tokens_low", cond=None,

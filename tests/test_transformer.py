@@ -57,7 +57,7 @@ def test_loss_only_on_masked_positions_and_text_drop_rate():
 
     model.head.register_forward_hook(keep_logits)
     text = lambda batch: (batch["text_emb"], torch.ones(batch["text_emb"].shape[:2], dtype=torch.bool))  # noqa: E731
-    objective = MaskedObjective(model, "tokens_low", text, text_drop_rate=0.3, label_smoothing=0.0, cond=None, seed=0)
+    objective = MaskedObjective(model, "tokens_low", text, text_drop_rate=0.3, label_smoothing=0.0, cond=None)
     batch = {"tokens_low": torch.randint(0, 16, (4000, 16)), "text_emb": torch.randn(4000, 3, 8)}
     out = objective.losses(batch, 0)
     out["loss"].backward()
