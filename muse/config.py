@@ -65,10 +65,16 @@ class ShardConfig(Section):
 class VQModelConfig(Section):
     """Geometry and codebook of one VQGAN tokenizer."""
 
+    arch: Literal["taming", "vqvae"] = Field("taming", description=(
+        "taming: ResBlocks with GroupNorm at every level, attention, a middle block (the muse presets). "
+        "vqvae: strided 4x4 convs, a residual stack at the token side, no norm; the i-th downsampling "
+        "outputs ch*ch_mult[i+1] channels (several times faster per step for small CPU tokenizers)."))
     resolution: int = Field(..., ge=8, description="Input image side in pixels.")
     ch: int = Field(64, ge=8, description="Base channel width of encoder and decoder.")
     ch_mult: tuple[int, ...] = Field((1, 2, 2), description="Channel multiplier per level; levels-1 downsamplings.")
-    num_res_blocks: int = Field(1, ge=1, description="ResBlocks per level.")
+    num_res_blocks: int = Field(1, ge=0, description="taming: ResBlocks per level (the decoder has one more); "
+                                "vqvae: residual units at the token side.")
+    mid_block: bool = Field(True, description="taming: ResBlock-attention-ResBlock at the token side.")
     attn_resolutions: tuple[int, ...] = Field((), description="Feature-map sides that get self-attention.")
     embed_dim: int = Field(64, ge=1, description="Channels of the latent the codebook quantizes.")
     codebook_size: int = Field(512, ge=2, le=65536, description="Number of codes (token ids fit uint16).")
@@ -97,6 +103,8 @@ class VQModelConfig(Section):
             raise ValueError(
                 f"resolution {self.resolution} is not divisible by the downsampling factor {self.downsample}"
             )
+        if self.arch == "vqvae" and (len(self.ch_mult) < 2 or self.attn_resolutions):
+            raise ValueError("arch vqvae needs at least one downsampling (2+ ch_mult levels) and no attention")
         if self.use_cosine_sim and not self.ema_update:
             raise ValueError("a cosine-similarity codebook must be EMA-updated (ema_update: true)")
         return self
@@ -276,6 +284,11 @@ class TransformerConfig(Section):
     depth: int = Field(4, ge=1, description="Transformer blocks.")
     heads: int = Field(4, ge=1, description="Attention heads.")
     cond_depth: int = Field(2, ge=1, description="Super-res only: blocks encoding the low-res tokens.")
+    cond_aligned: bool = Field(True, description=(
+        "Super-res only: also add the encoded low-res tokens, upsampled to the high-res grid, to the input "
+        "embeddings (besides the cross-attention memory of the paper). Each high-res token then sees the "
+        "low-res token it refines at its own position; with cross-attention alone the tiny model left half "
+        "the shapes at the wrong place after 600 steps."))
 
 
 class TrainBaseConfig(Section):
@@ -301,6 +314,7 @@ class TrainSuperResConfig(Section):
     scene_conditioning: bool = Field(False, description="Add the scene tokens (seg_tokens) to the memory.")
     scene_drop_rate: float = Field(0.5, ge=0, le=1, description="With scene conditioning: fraction of samples "
                                    "trained without scene tokens, so the model also generates from text alone.")
+    workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Ray Train data parallelism.")
 
 
 class FinetuneDecoderConfig(Section):

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -36,6 +37,7 @@ from muse.config import TrainConfig
 
 log = logging.getLogger("muse.training")
 CHECKPOINT = "checkpoint.pt"
+SAMPLES_DIR = "samples"
 
 
 class Objective(Protocol):
@@ -175,10 +177,13 @@ class TrainLoop:
                     else:
                         v.copy_(live[k])
 
-    def run(self, data: Callable[[int], Iterator[torch.Tensor]], max_steps: int | None = None) -> dict[str, float]:
+    def run(self, data: Callable[[int], Iterator[torch.Tensor]], max_steps: int | None = None,
+            preview: Callable[["TrainLoop"], np.ndarray] | None = None) -> dict[str, float]:
         """Train until cfg.steps (or stop early after `max_steps` more, for tests); returns the last figures.
 
         `data(position)` returns an iterator of micro-batches starting after `position` samples.
+        `preview(loop)`, called at every checkpoint, returns an image grid (HWC uint8) that is saved as
+        `work_dir/samples/step-NNNNNNN.png` and logged to TensorBoard.
         """
         cfg = self.cfg
         self.resume()
@@ -249,11 +254,19 @@ class TrainLoop:
                             writer.add_scalar(f"{self.name}/{k}", v, self.step)
                 if self.rank == 0 and (self.step % cfg.checkpoint_every == 0 or self.step == end):
                     self.save()
+                    if preview is not None:
+                        self._save_preview(preview(self), writer)
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
         return figures
+
+    def _save_preview(self, grid: np.ndarray, writer) -> None:
+        (self.work_dir / SAMPLES_DIR).mkdir(exist_ok=True)
+        Image.fromarray(grid).save(self.work_dir / SAMPLES_DIR / f"step-{self.step:07d}.png")
+        if writer is not None:
+            writer.add_image(f"{self.name}/samples", grid, self.step, dataformats="HWC")
 
     def trained(self, name: str) -> nn.Module:
         """The module to export: its EMA copy when EMA is on, else the live one."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muse.artifacts.store import Artifact, ArtifactStore
+from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore, MissingArtifact
 from safetensors.torch import load_file, save_file
 
 from muse.config import RayConfig, TextEncoderConfig, TrainConfig, WorkersConfig
@@ -26,10 +26,12 @@ from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.distributed import fit, rank_world, worker_device, wrap_ddp
 from muse.masking import mask_tokens, sample_mask_rate
 from muse.models.transformer import MaskedTransformer, TransformerSpec, save_transformer
-from muse.training import TrainLoop, seed_everything
+from muse.sample_grid import SampleGrid
+from muse.training import SAMPLES_DIR, TrainLoop, seed_everything
 
 log = logging.getLogger("muse.transformer_training")
 RATE_BUCKETS = ((0.0, 0.4), (0.4, 0.8), (0.8, 1.01))
+MAX_GRIDS = 4  # sample grids (the last checkpoints') copied into the artifact's previews
 TRAINED = "trained.safetensors"  # rank 0's final (EMA) weights in the work dir, read back by the driver
 
 
@@ -144,6 +146,7 @@ class TransformerJob:
     label_smoothing: float
     scene_drop_rate: float
     work_dir: Path
+    tokenizer_path: Path | None  # decodes the sample grids written at checkpoints; None = no grids
 
     @property
     def trained_path(self) -> Path:
@@ -165,7 +168,11 @@ def fit_worker(job: TransformerJob) -> dict:
         log.info("%s: %.2fM parameters, %d train rows, tokens %dx%d, %d worker(s)", job.kind,
                  sum(p.numel() for p in model.parameters()) / 1e6, len(train), job.spec.side, job.spec.side, world)
     bs, seed = job.train_cfg.batch_size, job.train_cfg.seed
-    figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world))
+    preview = None
+    if rank == 0 and job.tokenizer_path is not None:
+        grid = SampleGrid(job.tokens_path, job.tokenizer_path, job.target, job.cond, text, device)
+        preview = lambda loop: grid(loop.trained("transformer"))  # noqa: E731
+    figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world), preview=preview)
     if rank == 0:
         save_file({k: v.detach().cpu().contiguous() for k, v in loop.trained("transformer").state_dict().items()},
                   str(job.trained_path))
@@ -188,6 +195,7 @@ def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfi
         codebook_size=geometry[target]["codebook_size"], side=geometry[target]["side"], text_dim=text_dim,
         cond_codebook_size=geometry[cond]["codebook_size"] if cond else 0,
         cond_side=geometry[cond]["side"] if cond else 0, cond_depth=model_cfg.cond_depth,
+        cond_aligned=bool(cond) and model_cfg.cond_aligned,
         scene_codebook_size=geometry["seg_tokens"]["codebook_size"] if scene else 0,
         scene_side=geometry["seg_tokens"]["side"] if scene else 0)
     version = store.version_of(create_kwargs["stage"], create_kwargs["config"], create_kwargs["inputs"],
@@ -195,8 +203,13 @@ def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfi
     work_dir = store.work_dir(kind, version)
     columns = ["key", "caption", target, *([cond] if cond else []), *(["seg_tokens"] if scene else []),
                *(["text_emb", "text_len"] if precomputed else [])]
+    try:
+        tokenizer_path = store.resolve(geometry[target]["tokenizer"]).path
+    except MissingArtifact:  # tokens copied from another store: train without sample grids
+        log.warning("%s: no sample grids: tokenizer %s is not in this store", kind, geometry[target]["tokenizer"])
+        tokenizer_path = None
     job = TransformerJob(kind, spec, train_cfg, text_cfg, precomputed, tokens.path, columns, target, cond,
-                         text_drop_rate, label_smoothing, scene_drop_rate, work_dir)
+                         text_drop_rate, label_smoothing, scene_drop_rate, work_dir, tokenizer_path)
     figures = fit(fit_worker, job, workers, ray_cfg, work_dir)
     trained = MaskedTransformer(spec)
     trained.load_state_dict(load_file(str(job.trained_path)))
@@ -212,6 +225,11 @@ def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfi
                                              "tokenizers": {k: g["tokenizer"] for k, g in geometry.items()}})
         if (work_dir / "tensorboard").is_dir():
             shutil.copytree(work_dir / "tensorboard", out.path / "tensorboard")
+        grids = sorted((work_dir / SAMPLES_DIR).glob("step-*.png"))
+        if grids:  # the last few checkpoints' samples: published with the artifact
+            (out.path / PREVIEW_DIR).mkdir()
+            for path in grids[-MAX_GRIDS:]:
+                shutil.copy(path, out.path / PREVIEW_DIR / f"samples-{path.name}")
         steps = int(figures.pop("steps"))
         out.metrics = {**metrics, "steps": steps, "workers": int(figures.pop("workers")),
                        "parameters": sum(p.numel() for p in trained.parameters()),

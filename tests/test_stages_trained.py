@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
+from PIL import Image
 
 from muse.cli import main
 from muse.generate import Pipeline
@@ -21,6 +23,10 @@ def test_transformer_artifacts(trained_store):
         model, config = load_transformer(arts[kind].path)
         assert config["target"] == target and model.spec.side == 4
         assert (arts[kind].path / "tensorboard").is_dir()
+        # a sample grid at the final checkpoint: 2 rows (samples, reconstructions) of up to 8 images
+        grid = np.asarray(Image.open(arts[kind].path / "previews" / "samples-step-0000004.png"))
+        side = 32  # both tokenizers are 32 px in the small config
+        assert grid.shape[0] == 2 * side and grid.shape[1] % side == 0 and grid.std() > 0
     assert load_transformer(arts["superres"].path)[0].spec.cond_codebook_size > 0
 
 
@@ -79,13 +85,25 @@ def test_generate_cli_with_a_prompts_file(trained_store, tmp_path, capsys):
     assert f"{bad}:2: field 'id'" in capsys.readouterr().err
 
 
-def test_new_decoder_beats_the_old_one_on_val_after_a_short_run(pipeline_store, store):
-    from muse.stages import finetune_decoder
+def test_new_decoder_beats_the_old_one_on_val_after_a_short_run(pipeline_store, tmp_path):
+    """On codes that carry signal: a 4-step tokenizer's codes let a decoder only memorise the 18 training
+    images of the session store, so this test trains its own high-res tokenizer on 96 images first."""
+    from muse.artifacts.store import ArtifactStore
+    from muse.config import TrainOverride
+    from muse.stages import finetune_decoder, segment, shard, train_vqgan
 
     cfg, _, arts = pipeline_store
-    cfg = cfg.model_copy(update={"finetune_decoder": cfg.finetune_decoder.model_copy(update={
-        "train": cfg.finetune_decoder.train.model_copy(update={"steps": 60, "batch_size": 4, "lr": 3e-4})})})
-    out = finetune_decoder.run(cfg, {"shards": arts["shards"], "vqgan-high": arts["vqgan-high"]}, store)
+    cfg = cfg.model_copy(update={
+        "demo": cfg.demo.model_copy(update={"num_samples": 96}),
+        "train_vqgan": cfg.train_vqgan.model_copy(update={"overrides": {"high": TrainOverride(steps=100, batch_size=8)}}),
+        "finetune_decoder": cfg.finetune_decoder.model_copy(update={
+            "train": cfg.finetune_decoder.train.model_copy(update={"steps": 60, "batch_size": 4, "lr": 3e-4})})})
+    upstream = ArtifactStore(tmp_path / "upstream")
+    shards = shard.run(cfg, {}, upstream)
+    segments = segment.run(cfg, {"shards": shards}, upstream)
+    tokenizers = {a.kind: a for a in train_vqgan.run(cfg, {"shards": shards, "segments": segments}, upstream)}
+    store = ArtifactStore(tmp_path / "store")
+    out = finetune_decoder.run(cfg, {"shards": shards, "vqgan-high": tokenizers["vqgan-high"]}, store)
     m = out.manifest.metrics
-    assert m["new_psnr"] > m["old_psnr"], m  # deterministic on CPU; the tiny preset run gains +0.58 dB
-    assert store.kinds() == ["decoder"]  # nothing else was written
+    assert m["new_psnr"] > m["old_psnr"] + 0.2, m  # deterministic on CPU: 16.65 -> 17.09 dB here
+    assert store.kinds() == ["decoder"]  # nothing else was written  # nothing else was written

@@ -83,6 +83,23 @@ def test_superres_uses_its_low_res_condition():
         model.memory(emb, mask)
 
 
+def test_aligned_condition_reaches_each_high_res_token_from_its_own_low_res_token():
+    spec = TransformerSpec(dim=32, depth=1, heads=4, codebook_size=16, side=8, text_dim=8, cond_codebook_size=12,
+                           cond_side=4, cond_aligned=True)
+    torch.manual_seed(0)
+    model = MaskedTransformer(spec).eval()
+    emb, mask = torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
+    cond = torch.randint(0, 12, (1, 16))
+    memory, _ = model.memory(emb, mask, cond)
+    added = model._aligned_cond(memory).view(8, 8, 32)
+    encoded = model.cond_to_input(memory[0, 1:17]).view(4, 4, 32)
+    for r, c in [(0, 0), (1, 1), (2, 5), (7, 6)]:
+        assert torch.allclose(added[r, c], encoded[r // 2, c // 2])  # the 2x2 block under each low-res token
+    with pytest.raises(ValueError, match="multiple of the low-res side"):
+        MaskedTransformer(TransformerSpec(dim=32, depth=1, heads=4, codebook_size=16, side=6, text_dim=8,
+                                          cond_codebook_size=12, cond_side=4, cond_aligned=True))
+
+
 def test_cached_memory_kv_equals_uncached():
     torch.manual_seed(0)
     model = MaskedTransformer(SPEC).eval()

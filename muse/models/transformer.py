@@ -7,7 +7,9 @@ conditioning memory and an MLP, and a linear head predicts codebook logits every
 The memory is: one learned null token (always visible, so a sample without text still has
 something to attend to), the projected text embeddings (masked by their padding; all of
 them hidden when text is dropped for classifier-free guidance), then, for super-res, the
-low-res tokens after a small transformer encoder, and optionally scene tokens.
+low-res tokens after a small transformer encoder, and optionally scene tokens. With
+`cond_aligned`, the encoded low-res grid is also upsampled (nearest) to the high-res grid
+and added to the input embeddings, so each position sees the coarse token it refines.
 Attention is `scaled_dot_product_attention`; `memory_kv` lets a sampler compute each
 block's cross-attention keys and values once per image instead of once per step.
 """
@@ -34,6 +36,7 @@ class TransformerSpec:
     cond_codebook_size: int = 0  # super-res: low-res codebook (0 = base model)
     cond_side: int = 0
     cond_depth: int = 2
+    cond_aligned: bool = False  # super-res: add the upsampled low-res encoding to the input embeddings
     scene_codebook_size: int = 0  # optional scene tokens (0 = off)
     scene_side: int = 0
     mlp_ratio: int = 4
@@ -114,6 +117,11 @@ class MaskedTransformer(nn.Module):
             self.cond_embed = GridEmbedding(spec.cond_codebook_size, spec.cond_side, d)
             self.cond_blocks = nn.ModuleList(Block(d, spec.heads, spec.mlp_ratio, cross=False)
                                              for _ in range(spec.cond_depth))
+            if spec.cond_aligned:
+                if spec.side % spec.cond_side:
+                    raise ValueError(f"cond_aligned needs the token side {spec.side} to be a multiple of the "
+                                     f"low-res side {spec.cond_side}")
+                self.cond_to_input = nn.Linear(d, d)
         if spec.scene_codebook_size:
             self.scene_embed = GridEmbedding(spec.scene_codebook_size, spec.scene_side, d)
         self.memory_norm = nn.LayerNorm(d)
@@ -136,9 +144,9 @@ class MaskedTransformer(nn.Module):
         """The cross-attention memory and its mask (True = attend). Drop text by passing an all-False text_mask;
         scene tokens of -1 (no scene) are hidden."""
         b = text_emb.shape[0]
-        parts = [self.null.expand(b, -1, -1), self.text_proj(text_emb)]
-        masks = [torch.ones(b, 1, dtype=torch.bool, device=text_emb.device), text_mask.bool()]
-        if self.spec.cond_codebook_size:
+        parts = [self.null.expand(b, -1, -1)]
+        masks = [torch.ones(b, 1, dtype=torch.bool, device=text_emb.device)]
+        if self.spec.cond_codebook_size:  # right after the null token: `forward` finds it at a fixed place
             if cond_tokens is None:
                 raise ValueError("a super-res transformer needs cond_tokens (the low-res tokens)")
             c = self.cond_embed(cond_tokens)
@@ -146,6 +154,8 @@ class MaskedTransformer(nn.Module):
                 c = block(c)
             parts.append(c)
             masks.append(torch.ones(c.shape[:2], dtype=torch.bool, device=c.device))
+        parts.append(self.text_proj(text_emb))
+        masks.append(text_mask.bool())
         if self.spec.scene_codebook_size and scene_tokens is not None:
             present = scene_tokens >= 0
             parts.append(self.scene_embed(scene_tokens.clamp_min(0)))
@@ -160,9 +170,18 @@ class MaskedTransformer(nn.Module):
                 kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """tokens [B, N] (mask id where masked) -> logits [B, N, codebook_size]."""
         x = self.embed(tokens)
+        if self.spec.cond_aligned and self.spec.cond_codebook_size:
+            x = x + self._aligned_cond(memory)
         for i, block in enumerate(self.blocks):
             x = block(x, memory, memory_mask, None if kv is None else kv[i])
         return self.head(self.norm(x))
+
+    def _aligned_cond(self, memory: torch.Tensor) -> torch.Tensor:
+        """The encoded low-res grid (memory positions 1..n) projected and upsampled to the token grid."""
+        cs, s = self.spec.cond_side, self.spec.side
+        c = self.cond_to_input(memory[:, 1:1 + cs * cs])
+        grid = c.transpose(1, 2).reshape(c.shape[0], -1, cs, cs)
+        return F.interpolate(grid, scale_factor=s // cs, mode="nearest").flatten(2).transpose(1, 2)
 
     def flops_per_token(self, memory_len: int) -> float:
         """Training FLOPs per image token (6 x matmul params + attention), for throughput and MFU figures."""

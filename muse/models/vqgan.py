@@ -3,7 +3,7 @@
 Taming-transformers' layout: per level `num_res_blocks` ResBlocks (GroupNorm + SiLU),
 self-attention at the listed feature-map sides, a stride-2 downsampling between
 levels; a ResBlock-attention-ResBlock middle; the decoder mirrors it with nearest
-upsampling. The codebook is `vector-quantize-pytorch`'s: latents are projected to
+upsampling (`arch: vqvae` swaps in the plainer layout of `muse.models.vqvae`). The codebook is `vector-quantize-pytorch`'s: latents are projected to
 low-dimensional (optionally l2-normalised) codes, EMA-updated, with dead-code
 restarts. Images are in [-1, 1]; token ids are the codebook indices.
 """
@@ -16,6 +16,7 @@ from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 
 from muse.config import VQModelConfig
+from muse.models.vqvae import PlainResBlock, VQVAEDecoder, VQVAEEncoder
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -54,6 +55,8 @@ class AttnBlock(nn.Module):
 
 
 def _level(cin: int, cout: int, blocks: int, attn: bool) -> tuple[list[nn.Module], int]:
+    if blocks == 0:  # no ResBlock to change the width: a 1x1 conv does
+        return ([] if cin == cout else [nn.Conv2d(cin, cout, 1)]), cout
     layers: list[nn.Module] = []
     for _ in range(blocks):
         layers.append(ResBlock(cin, cout))
@@ -74,8 +77,9 @@ class Encoder(nn.Module):
             if i < len(cfg.ch_mult) - 1:
                 layers.append(nn.Conv2d(cin, cin, 3, stride=2, padding=1))
                 side //= 2
-        layers += [ResBlock(cin, cin), AttnBlock(cin), ResBlock(cin, cin), norm(cin), nn.SiLU(),
-                   nn.Conv2d(cin, cfg.embed_dim, 3, padding=1)]
+        if cfg.mid_block:
+            layers += [ResBlock(cin, cin), AttnBlock(cin), ResBlock(cin, cin)]
+        layers += [norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.embed_dim, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,8 +94,9 @@ class Decoder(nn.Module):
         ch = int(round(cfg.ch * width_mult / 8)) * 8
         cin = ch * cfg.ch_mult[-1]
         side = cfg.token_side
-        layers: list[nn.Module] = [nn.Conv2d(cfg.embed_dim, cin, 3, padding=1),
-                                   ResBlock(cin, cin), AttnBlock(cin), ResBlock(cin, cin)]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.embed_dim, cin, 3, padding=1)]
+        if cfg.mid_block:
+            layers += [ResBlock(cin, cin), AttnBlock(cin), ResBlock(cin, cin)]
         for i, mult in reversed(list(enumerate(cfg.ch_mult))):
             level, cin = _level(cin, ch * mult, cfg.num_res_blocks + 1 + extra_res_blocks,
                                 side in cfg.attn_resolutions)
@@ -107,13 +112,23 @@ class Decoder(nn.Module):
         return self.conv_out(self.net(z))
 
 
+def make_encoder(cfg: VQModelConfig, in_channels: int) -> nn.Module:
+    return VQVAEEncoder(cfg, in_channels) if cfg.arch == "vqvae" else Encoder(cfg, in_channels)
+
+
+def make_decoder(cfg: VQModelConfig, out_channels: int, extra_res_blocks: int = 0, width_mult: float = 1.0) -> nn.Module:
+    """The decoder of `cfg.arch`; every one has `.net` (layers in order) and `.conv_out` (the last layer)."""
+    kind = VQVAEDecoder if cfg.arch == "vqvae" else Decoder
+    return kind(cfg, out_channels, extra_res_blocks, width_mult)
+
+
 class VQModel(nn.Module):
     """Encoder -> quant conv -> codebook -> post-quant conv -> decoder."""
 
     def __init__(self, cfg: VQModelConfig, in_channels: int = 3, out_channels: int = 3):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg, in_channels)
+        self.encoder = make_encoder(cfg, in_channels)
         self.quant_conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 1)
         self.quantizer = VectorQuantize(
             dim=cfg.embed_dim, codebook_size=cfg.codebook_size, codebook_dim=cfg.code_dim,
@@ -122,7 +137,7 @@ class VQModel(nn.Module):
             rotation_trick=cfg.rotation_trick, commitment_weight=cfg.commitment_weight, accept_image_fmap=True,
         )
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 1)
-        self.decoder = Decoder(cfg, out_channels)
+        self.decoder = make_decoder(cfg, out_channels)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images [B, C, H, W] -> (quantized latents, token ids [B, h, w], codebook + commitment loss)."""
@@ -228,7 +243,7 @@ class LatentDecoder(nn.Module):
         self.cfg, self.out_channels = cfg, out_channels
         self.extra_res_blocks, self.width_mult = extra_res_blocks, width_mult
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 1)
-        self.decoder = Decoder(cfg, out_channels, extra_res_blocks, width_mult)
+        self.decoder = make_decoder(cfg, out_channels, extra_res_blocks, width_mult)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(latents))
@@ -238,13 +253,20 @@ class LatentDecoder(nn.Module):
         return self.decoder.conv_out.weight
 
 
-def _copy_corner(target: torch.Tensor, value: torch.Tensor) -> None:
+def _copy_corner(target: torch.Tensor, value: torch.Tensor, transposed: bool = False) -> None:
     """Copy the overlapping corner; for conv/linear weights, zero what new input channels feed old outputs
-    so the old channels compute what they computed before."""
+    so the old channels compute what they computed before (a transposed conv keeps inputs in dim 0)."""
     corner = tuple(slice(0, min(a, b)) for a, b in zip(target.shape, value.shape))
     target[corner] = value[corner]
-    if target.dim() >= 2 and target.shape[1] > value.shape[1]:
+    if target.dim() < 2:
+        return
+    if transposed and target.shape[0] > value.shape[0]:
+        target[value.shape[0]:, : value.shape[1]] = 0
+    elif not transposed and target.shape[1] > value.shape[1]:
         target[: value.shape[0], value.shape[1]:] = 0
+
+
+RESIDUAL = (ResBlock, PlainResBlock)
 
 
 @torch.no_grad()
@@ -264,15 +286,16 @@ def init_from(new: LatentDecoder, old: VQModel) -> int:
         if j == len(new_layers):
             break
         target = dict(new_layers[j].named_parameters())
+        transposed = isinstance(layer, nn.ConvTranspose2d)
         for name, value in layer.named_parameters():
             if name in target and target[name].dim() == value.dim():
-                _copy_corner(target[name].data, value.data)
+                _copy_corner(target[name].data, value.data, transposed)
         matched += 1
         j += 1
         # The old level's last ResBlock: the new ResBlocks that follow it are the extra ones.
-        level_ends = isinstance(layer, ResBlock) and not (i + 1 < len(old_layers)
-                                                          and isinstance(old_layers[i + 1], ResBlock))
-        while level_ends and j < len(new_layers) and isinstance(new_layers[j], ResBlock):
+        level_ends = isinstance(layer, RESIDUAL) and not (i + 1 < len(old_layers)
+                                                          and isinstance(old_layers[i + 1], RESIDUAL))
+        while level_ends and j < len(new_layers) and isinstance(new_layers[j], RESIDUAL):
             _identity_start(new_layers[j])
             j += 1
     return matched
@@ -280,7 +303,7 @@ def init_from(new: LatentDecoder, old: VQModel) -> int:
 
 def _identity_start(layer: nn.Module) -> None:
     """A ResBlock whose residual branch outputs zero: it passes its input through until it learns."""
-    if isinstance(layer, ResBlock) and isinstance(layer.skip, nn.Identity):
+    if isinstance(layer, PlainResBlock) or (isinstance(layer, ResBlock) and isinstance(layer.skip, nn.Identity)):
         nn.init.zeros_(layer.block[-1].weight)
         nn.init.zeros_(layer.block[-1].bias)
 
