@@ -16,25 +16,14 @@ ema-pytorch memory-efficient-attention-pytorch accelerate sentencepiece`).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+
+from timing import seconds_per_call
 
 from muse.config import VQLossConfig, load_config
 from muse.models.vqgan import VQModel
 from muse.stages.train_vqgan import ImageObjective
-
-
-def _time_steps(step, steps: int, device: torch.device) -> float:
-    step()  # warm-up (allocations, kernel choice)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps
 
 
 def ours(cfg, batch: int, steps: int, device, dtype) -> float:
@@ -50,7 +39,7 @@ def ours(cfg, batch: int, steps: int, device, dtype) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _time_steps(step, steps, device)
+    return seconds_per_call(step, steps, device)
 
 
 def lucidrains(cfg, batch: int, steps: int, device, dtype) -> tuple[float, float] | None:
@@ -78,7 +67,7 @@ def lucidrains(cfg, batch: int, steps: int, device, dtype) -> tuple[float, float
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _time_steps(step, steps, device), flops
+    return seconds_per_call(step, steps, device), flops
 
 
 def train_flops(cfg, batch: int) -> float:
