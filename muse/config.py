@@ -141,6 +141,8 @@ class TrainConfig(Section):
     log_every: int = Field(50, ge=1, description="Steps between logged figures.")
     shuffle_buffer: int = Field(256, ge=1, description="Samples in the streaming shuffle buffer.")
     seed: int = Field(0, description="Seed for weights, data order and masking.")
+    peak_tflops: float | None = Field(None, gt=0, description="Dense peak of one accelerator in TFLOP/s (H100 SXM "
+                                      "bf16: 989) for the logged MFU; None = no MFU figure.")
 
 
 # ----------------------------------------------------------------------------- stages

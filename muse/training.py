@@ -48,6 +48,9 @@ class Objective(Protocol):
     def losses(self, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """One scalar per optimizer name (backpropagated into its modules only) plus extra figures to log."""
 
+    # Optional: `rate_figures(samples_per_s) -> {"tokens_per_s": ..., "flops_per_s": ...}`, logged with the
+    # loss (and MFU from flops_per_s when train.peak_tflops is set).
+
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     """LR multiplier: linear warmup to 1, then cosine to 0 over the remaining steps (or constant)."""
@@ -245,6 +248,10 @@ class TrainLoop:
                     rate = (self.step - start_step) / max(elapsed, 1e-9)
                     figures["samples_per_s"] = rate * samples
                     figures["lr"] = self.schedules[next(iter(self.schedules))].get_last_lr()[0]
+                    if hasattr(self.objective, "rate_figures"):
+                        figures.update(self.objective.rate_figures(figures["samples_per_s"]))
+                        if cfg.peak_tflops and "flops_per_s" in figures:
+                            figures["mfu"] = figures["flops_per_s"] / (cfg.peak_tflops * 1e12)
                     eta = (end - self.step) / max(rate, 1e-9)
                     log.info("%s step %d/%d  %s  %.1f samples/s  ETA %.0fs", self.name, self.step, end,
                              "  ".join(f"{k}={v:.4g}" for k, v in sums.items()), figures["samples_per_s"], eta)

@@ -78,6 +78,12 @@ class MaskedObjective:
         self.modules: dict[str, nn.Module] = {"transformer": model}
         self.optimizers = {"loss": ["transformer"]}
         self.ema = ["transformer"]
+        self.memory_len = 0  # of the last batch: sets the attention FLOPs
+
+    def rate_figures(self, samples_per_s: float) -> dict[str, float]:
+        """Image tokens/s and training FLOP/s (6 x matmul parameters + attention, per token)."""
+        tokens = samples_per_s * self.model.spec.side ** 2
+        return {"tokens_per_s": tokens, "flops_per_s": tokens * self.model.flops_per_token(self.memory_len)}
 
     def losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         tokens = batch[self.target]
@@ -90,6 +96,9 @@ class MaskedObjective:
         if scene is not None:  # -1 hides the scene: the model learns text-only generation too
             scene = scene.masked_fill((torch.rand(b, device=tokens.device) < self.scene_drop_rate)[:, None], -1)
         logits = self.forward(inputs, emb, text_mask & keep[:, None], batch[self.cond] if self.cond else None, scene)
+        spec = self.model.spec
+        self.memory_len = 1 + emb.shape[1] + (spec.cond_side ** 2 if self.cond else 0) + \
+            (spec.scene_side ** 2 if scene is not None else 0)
         per_token = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none",
                                     label_smoothing=self.label_smoothing)
         loss = (per_token * mask).sum() / mask.sum()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -20,6 +21,9 @@ def test_transformer_artifacts(trained_store):
     for kind, target in (("base", "tokens_low"), ("superres", "tokens_high")):
         m = arts[kind].manifest.metrics
         assert m["steps"] == 4 and 0 <= m["val_masked_acc"] <= 1 and "train_masked_acc" in m
+        side = 4
+        assert m["train_tokens_per_s"] == pytest.approx(m["train_samples_per_s"] * side * side, rel=1e-3)
+        assert m["train_flops_per_s"] > m["train_tokens_per_s"] and "train_mfu" not in m  # no peak_tflops set
         model, config = load_transformer(arts[kind].path)
         assert config["target"] == target and model.spec.side == 4
         assert (arts[kind].path / "tensorboard").is_dir()
