@@ -29,6 +29,8 @@ def _sampling_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--steps", type=int, default=steps, help=f"base sampling steps (default {steps})")
     p.add_argument("--superres-steps", type=int, default=8, help="super-res sampling steps (default 8)")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="final CFG scale t (default 3.0)")
+    p.add_argument("--superres-guidance-scale", type=float, default=None,
+                   help="final CFG scale of the super-res pass (default: --guidance-scale)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-superres", action="store_true", help="decode the base tokens with vqgan-low")
 
@@ -166,6 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             prompts = [b["prompt"] for b in batch]
             images = pipe(prompts, negative=None if negative is None else [negative] * len(batch), steps=args.steps,
                           superres_steps=args.superres_steps, guidance_scale=args.guidance_scale, seed=seed + i,
+                          superres_guidance_scale=args.superres_guidance_scale,
                           superres=not args.no_superres, scene=scene)
             for b, img in zip(batch, images):
                 img.save(out / f"{b['id']}.png")
@@ -218,6 +221,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_store(_store(args))
     tokens = edit_tokens(pipe, image, args.prompt, mask, negative=args.negative, steps=args.steps,
                          superres_steps=args.superres_steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                         superres_guidance_scale=args.superres_guidance_scale,
                          superres=not args.no_superres, mask_free_iterations=args.iterations,
                          mask_free_fraction=args.edit_fraction)
     out = Path(args.out)

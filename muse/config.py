@@ -335,6 +335,7 @@ class EvaluateConfig(Section):
     steps: int = Field(24, ge=1, description="Base sampling steps.")
     superres_steps: int = Field(8, ge=1, description="Super-res sampling steps.")
     guidance_scale: float = Field(3.0, ge=0, description="Final classifier-free guidance scale.")
+    superres_guidance_scale: float = Field(3.0, ge=0, description="Final guidance scale of the super-res pass.")
     batch_size: int = Field(16, ge=1, description="Prompts generated per batch.")
     seed: int = Field(0, description="Sampling seed (same seed, same images).")
     clip_model: str = Field("ViT-B-32", description="open_clip model for the CLIP score.")

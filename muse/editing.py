@@ -121,6 +121,7 @@ def _low_to_high(changed: torch.Tensor, low_side: int, high_side: int) -> torch.
 def edit_tokens(pipe: Pipeline, image: Image.Image, prompt: str, mask: Image.Image | None = None,
                 negative: str | None = None, steps: int = 12, superres_steps: int = 8, guidance_scale: float = 3.0,
                 seed: int = 0, superres: bool = True, mask_free_iterations: int = 6,
+                superres_guidance_scale: float | None = None,
                 mask_free_fraction: float = 0.15, sampler: SamplerConfig | None = None) -> dict[str, torch.Tensor]:
     """Edited token grids of one image: inpaint where `mask` is white, or edit mask-free when `mask` is None.
     Returns tokens_low (and tokens_high with super-res) plus the original grids as `original_low/high`."""
@@ -156,6 +157,8 @@ def edit_tokens(pipe: Pipeline, image: Image.Image, prompt: str, mask: Image.Ima
         out["original_high"] = original_high
         out["tokens_high"] = original_high
         if redo.any():
-            out["tokens_high"] = pipe._tokens(pipe.superres, [prompt], neg, replace(sampler, steps=superres_steps),
+            sr_scale = guidance_scale if superres_guidance_scale is None else superres_guidance_scale
+            sr_sampler = replace(sampler, steps=superres_steps, guidance_scale=sr_scale)
+            out["tokens_high"] = pipe._tokens(pipe.superres, [prompt], neg, sr_sampler,
                                               gen, cond=low, tokens=original_high.masked_fill(redo, mask_id))
     return out

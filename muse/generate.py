@@ -95,10 +95,13 @@ class Pipeline:
     @torch.no_grad()
     def generate_tokens(self, prompts: list[str], negative: list[str] | None = None, steps: int = 24,
                         superres_steps: int = 8, guidance_scale: float = 3.0, seed: int = 0,
+                        superres_guidance_scale: float | None = None,
                         superres: bool = True, sampler: SamplerConfig | None = None,
                         scene: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Base (then super-res) token grids for the prompts; `scene` is [1, n] scene tokens (see
-        `muse.editing.scene_tokens`) laid out for every prompt, for a base model trained with them."""
+        `muse.editing.scene_tokens`) laid out for every prompt, for a base model trained with them.
+        `superres_guidance_scale` (None = `guidance_scale`): a super-res model that learned little from the text
+        only amplifies noise under strong guidance; its layout comes from the low-res tokens."""
         if scene is not None and self.vq_seg is None:
             raise ValueError("this base model was trained without scene tokens (train_base.scene_conditioning: false)")
         sampler = replace(sampler or SamplerConfig(), guidance_scale=guidance_scale)
@@ -107,8 +110,10 @@ class Pipeline:
         out = {"tokens_low": low}
         if superres and self.superres is not None:
             sr_scene = scene if self.superres.spec.scene_codebook_size else None
-            out["tokens_high"] = self._tokens(self.superres, prompts, negative, replace(sampler, steps=superres_steps),
-                                              gen, cond=low, scene=sr_scene)
+            sr_sampler = replace(sampler, steps=superres_steps, guidance_scale=guidance_scale
+                                 if superres_guidance_scale is None else superres_guidance_scale)
+            out["tokens_high"] = self._tokens(self.superres, prompts, negative, sr_sampler, gen, cond=low,
+                                              scene=sr_scene)
         return out
 
     @torch.no_grad()

@@ -109,7 +109,8 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     start = time.perf_counter()
     for i in range(0, len(captions), c.batch_size):
         images += pipe(captions[i:i + c.batch_size], steps=c.steps, superres_steps=c.superres_steps,
-                       guidance_scale=c.guidance_scale, seed=c.seed + i)
+                       guidance_scale=c.guidance_scale, superres_guidance_scale=c.superres_guidance_scale,
+                       seed=c.seed + i)
     seconds = time.perf_counter() - start
     metrics: dict = {"prompts": len(images), "prompt_split": split,
                      "seconds_per_image": round(seconds / max(len(images), 1), 4)}

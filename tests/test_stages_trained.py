@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from muse import generate, sampling
 from muse.cli import main
 from muse.generate import Pipeline
 from muse.models.transformer import load_transformer
@@ -67,6 +68,15 @@ def test_same_seed_same_image_and_the_finetuned_decoder_is_used(trained_store):
     a = pipe.generate_tokens(["a red circle on the left"], steps=4, superres_steps=2, seed=5)
     b = pipe.generate_tokens(["a red circle on the left"], steps=4, superres_steps=2, seed=5)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # its own super-res guidance: the base tokens stay, the super-res pass samples under 0.5
+    scales = []
+    original_decode = sampling.decode
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generate, "decode", lambda model, *args, **kw: scales.append(args[4].guidance_scale)
+                   or original_decode(model, *args, **kw))
+        c = pipe.generate_tokens(["a red circle on the left"], steps=4, superres_steps=2, seed=5,
+                                 superres_guidance_scale=0.5)
+    assert torch.equal(c["tokens_low"], a["tokens_low"]) and scales == [3.0, 0.5]
     images = pipe(["a red circle on the left"], steps=4, superres_steps=2)
     assert images[0].size == (32, 32)
 
