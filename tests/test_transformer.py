@@ -108,6 +108,30 @@ def test_cached_memory_kv_equals_uncached():
     assert torch.allclose(model(tokens, memory, mask), model(tokens, memory, mask, model.memory_kv(memory)), atol=1e-6)
 
 
+def test_weights_saved_with_separate_self_attention_projections_still_load(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from muse.models.transformer import load_transformer
+
+    torch.manual_seed(0)
+    model = MaskedTransformer(SPEC).eval()
+    old = {}
+    for k, v in model.state_dict().items():  # the layout before q/k/v were fused: attn.q + attn.kv
+        if k.endswith(".attn.qkv.weight"):
+            old[k.replace("qkv", "q")], old[k.replace("qkv", "kv")] = v[:SPEC.dim].clone(), v[SPEC.dim:].clone()
+        else:
+            old[k] = v
+    save_file(old, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"spec": asdict(SPEC)}))
+    loaded, _ = load_transformer(tmp_path)
+    memory, mask = _memory(model)
+    tokens = torch.randint(0, 17, (2, 16))
+    assert torch.equal(loaded(tokens, memory, mask), model(tokens, memory, mask))
+
+
 def test_guidance_formula_and_linear_ramp():
     assert [guidance_at(s, 5, 2.0, "linear") for s in range(5)] == [0.0, 0.5, 1.0, 1.5, 2.0]
     assert guidance_at(0, 5, 2.0, "constant") == 2.0

@@ -47,25 +47,35 @@ class TransformerSpec:
 
 
 class Attention(nn.Module):
-    """Multi-head attention; keys/values from `context` (cross) or from x (self)."""
+    """Multi-head attention: self-attention with one fused q/k/v projection, or cross-attention to `context`
+    (q from x, k/v from the memory, so the sampler can cache the memory's keys and values)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, cross: bool = False):
         super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.heads, self.is_cross = heads, cross
+        if cross:
+            self.q = nn.Linear(dim, dim, bias=False)
+            self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        else:  # one GEMM instead of two: small widths on CPU are launch-bound
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
 
+    def _heads(self, t: torch.Tensor, parts: int) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, parts, self.heads, -1).permute(2, 0, 3, 1, 4)
+
     def kv_of(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, m, d = context.shape
-        k, v = self.kv(context).view(b, m, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        k, v = self._heads(self.kv(context), 2)
         return k, v
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, n, d = x.shape
-        q = self.q(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
-        k, v = kv if kv is not None else self.kv_of(x if context is None else context)
+        if not self.is_cross:
+            q, k, v = self._heads(self.qkv(x), 3)
+        else:
+            q = self._heads(self.q(x), 1)[0]
+            k, v = kv if kv is not None else self.kv_of(context)
         attn_mask = None if mask is None else mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out(out.transpose(1, 2).reshape(b, n, d))
@@ -77,7 +87,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: int, cross: bool = True):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.cross = Attention(dim, heads) if cross else None
+        self.cross = Attention(dim, heads, cross=True) if cross else None
         self.norm2 = nn.LayerNorm(dim) if cross else None
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
@@ -216,5 +226,14 @@ def load_transformer(directory) -> tuple[MaskedTransformer, dict]:
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     model = MaskedTransformer(TransformerSpec(**config["spec"]))
-    model.load_state_dict(load_file(directory / "model.safetensors"))
+    model.load_state_dict(fuse_self_attention(load_file(directory / "model.safetensors")))
     return model.eval(), config
+
+
+def fuse_self_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved before self-attention fused its projections (`attn.q` + `attn.kv`) -> `attn.qkv`."""
+    out = dict(state)
+    for key in [k for k in state if k.endswith(".attn.q.weight")]:
+        prefix = key[: -len("q.weight")]
+        out[prefix + "qkv.weight"] = torch.cat([out.pop(key), out.pop(prefix + "kv.weight")], 0)
+    return out
