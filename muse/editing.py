@@ -93,21 +93,22 @@ def token_log_likelihood(pipe: Pipeline, model, tokens: torch.Tensor, prompt: st
     """log p(token | prompt, the other tokens) for every position [1, N], under the guided logits. Positions are
     split at random into `groups`; each group is masked in turn (a 1/groups mask rate, as the model trained on)."""
     n = tokens.shape[1]
-    memory, mask = pipe._memory(model, [prompt], cond)
-    if negative is not None:
-        u_memory, u_mask = pipe._memory(model, [negative], cond)
-    else:
-        u_memory, u_mask = pipe._memory(model, [prompt], cond, drop=True)
-    mem, mem_mask = torch.cat([memory, u_memory]), torch.cat([mask, u_mask])
-    kv = model.memory_kv(mem)
-    group = torch.randperm(n, generator=generator, device=tokens.device) % groups
-    score = torch.empty(1, n, device=tokens.device)
-    for g in range(groups):
-        hidden = (group == g)[None]
-        masked = tokens.masked_fill(hidden, model.spec.mask_id)
-        logits = model(torch.cat([masked, masked]), mem, mem_mask, kv).float()
-        logp = F.log_softmax(guided_logits(logits[:1], logits[1:], guidance_scale), -1)
-        score = torch.where(hidden, logp.gather(-1, tokens[..., None])[..., 0], score)
+    with pipe.precision():
+        memory, mask = pipe._memory(model, [prompt], cond)
+        if negative is not None:
+            u_memory, u_mask = pipe._memory(model, [negative], cond)
+        else:
+            u_memory, u_mask = pipe._memory(model, [prompt], cond, drop=True)
+        mem, mem_mask = torch.cat([memory, u_memory]), torch.cat([mask, u_mask])
+        kv = model.memory_kv(mem)
+        group = torch.randperm(n, generator=generator, device=tokens.device) % groups
+        score = torch.empty(1, n, device=tokens.device)
+        for g in range(groups):
+            hidden = (group == g)[None]
+            masked = tokens.masked_fill(hidden, model.spec.mask_id)
+            logits = model(torch.cat([masked, masked]), mem, mem_mask, kv).float()
+            logp = F.log_softmax(guided_logits(logits[:1], logits[1:], guidance_scale), -1)
+            score = torch.where(hidden, logp.gather(-1, tokens[..., None])[..., 0], score)
     return score
 
 

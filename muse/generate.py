@@ -85,12 +85,19 @@ class Pipeline:
                 generator: torch.Generator, cond: torch.Tensor | None = None,
                 tokens: torch.Tensor | None = None, scene: torch.Tensor | None = None) -> torch.Tensor:
         """Sample token grids; the scene (a layout) conditions both guidance branches, only the text is dropped."""
-        memory, mask = self._memory(model, prompts, cond, scene=scene)
-        if negative is not None:
-            u_memory, u_mask = self._memory(model, negative, cond, scene=scene)
-        else:
-            u_memory, u_mask = self._memory(model, prompts, cond, drop=True, scene=scene)
-        return decode(model, memory, mask, u_memory, u_mask, cfg, generator, tokens)
+        with self.precision():
+            memory, mask = self._memory(model, prompts, cond, scene=scene)
+            if negative is not None:
+                u_memory, u_mask = self._memory(model, negative, cond, scene=scene)
+            else:
+                u_memory, u_mask = self._memory(model, prompts, cond, drop=True, scene=scene)
+            return decode(model, memory, mask, u_memory, u_mask, cfg, generator, tokens)
+
+    def precision(self) -> torch.autocast:
+        """Transformer passes in bf16 autocast on a GPU (as they trained), fp32 on CPU (bf16 is ~100x slower
+        there); the sampler reads the logits in fp32 either way."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+                              enabled=self.device.type == "cuda")
 
     @torch.no_grad()
     def generate_tokens(self, prompts: list[str], negative: list[str] | None = None, steps: int = 24,

@@ -22,8 +22,10 @@ def mask_tokens(tokens: torch.Tensor, rate: torch.Tensor, mask_id: int,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask ceil(r N) random positions per row (at least one); returns (masked tokens, bool mask)."""
     b, n = tokens.shape
-    count = (rate * n).ceil().clamp(1, n).long()
-    scores = torch.rand(b, n, generator=generator, device=tokens.device)
+    count = (rate * n).ceil().clamp(1, n).long().to(tokens.device)
+    # drawn where the generator lives (a CPU generator gives the same masks for tokens on any device)
+    scores = torch.rand(b, n, generator=generator,
+                        device=generator.device if generator is not None else tokens.device).to(tokens.device)
     ranks = scores.argsort(1).argsort(1)
     mask = ranks < count[:, None]
     return tokens.masked_fill(mask, mask_id), mask
