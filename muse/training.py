@@ -116,12 +116,16 @@ class TrainLoop:
             opt: torch.optim.AdamW(
                 [p for m in mods for p in objective.modules[m].parameters() if p.requires_grad],
                 lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                fused=self.device.type == "cuda",  # one kernel for all parameters on a GPU
             )
             for opt, mods in objective.optimizers.items()
         }
         self.schedules = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for k, o in self.optimizers.items()}
         self.ema = {m: copy.deepcopy(objective.modules[m]).eval().requires_grad_(False) for m in objective.ema} \
             if cfg.ema_decay > 0 else {}
+        if cfg.compile:  # in place: the state-dict keys (checkpoints, EMA, artifacts) stay those of the eager module
+            for module in objective.modules.values():
+                module.compile()
         self.step = 0
         self.position = 0  # samples consumed: where the data stream resumes
         self.saved_step: int | None = None  # step of the checkpoint on disk
@@ -170,15 +174,17 @@ class TrainLoop:
     # ------------------------------------------------------------------ training
 
     def _update_ema(self) -> None:
-        d = self.cfg.ema_decay
+        """ema <- ema + (1 - decay) (live - ema) for float tensors (one batched lerp), copy the rest."""
         with torch.no_grad():
             for name, ema in self.ema.items():
                 live = self.objective.modules[name].state_dict()
-                for k, v in ema.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        v.mul_(d).add_(live[k].detach(), alpha=1 - d)
-                    else:
-                        v.copy_(live[k])
+                pairs = [(v, live[k].detach()) for k, v in ema.state_dict().items()]
+                floats = [(e, w) for e, w in pairs if e.dtype.is_floating_point]
+                if floats:  # a loop of mul_/add_ costs two kernel launches per tensor
+                    torch._foreach_lerp_([e for e, _ in floats], [w for _, w in floats], 1 - self.cfg.ema_decay)
+                for e, w in pairs:
+                    if not e.dtype.is_floating_point:
+                        e.copy_(w)
 
     def run(self, data: Callable[[int], Iterator[torch.Tensor]], max_steps: int | None = None,
             preview: Callable[["TrainLoop"], np.ndarray] | None = None) -> dict[str, float]:
@@ -205,14 +211,14 @@ class TrainLoop:
         except ImportError:  # tensorboard is optional
             pass
         figures: dict[str, float] = {}
-        start_step, t0 = self.step, time.perf_counter()
+        last_step, t_last = self.step, time.perf_counter()
         bar = tqdm(total=end, initial=self.step, desc=self.name, unit="step", mininterval=2.0,
                    disable=self.rank > 0)
         for m in self.objective.modules.values():
             m.train()
         try:
             while self.step < end:
-                sums: dict[str, float] = {}
+                sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per step, not one per figure
                 samples = 0
                 for _ in range(cfg.grad_accum):
                     batch = to_device(next(batches), self.device)
@@ -221,31 +227,33 @@ class TrainLoop:
                                         enabled=self.autocast_dtype is not None):
                         losses = self.objective.losses(batch, self.step)
                     for k, v in losses.items():
-                        value = float(v.detach())
-                        if not math.isfinite(value):
-                            last = "none" if self.saved_step is None else f"step {self.saved_step}"
-                            raise FloatingPointError(
-                                f"{self.name}: non-finite {k} ({value}) at step {self.step}; "
-                                f"training stopped, last good checkpoint: {last} ({self.checkpoint_path})"
-                            )
-                        sums[k] = sums.get(k, 0.0) + value / cfg.grad_accum
+                        sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=self.device).detach().float() / cfg.grad_accum
                     for opt, ps in params.items():
                         if opt in losses and losses[opt].requires_grad:
                             (losses[opt] / cfg.grad_accum).backward(inputs=ps)
                 for opt, o in self.optimizers.items():
                     if cfg.grad_clip > 0:
-                        sums[f"grad_norm/{opt}"] = float(torch.nn.utils.clip_grad_norm_(params[opt], cfg.grad_clip))
+                        sums[f"grad_norm/{opt}"] = torch.nn.utils.clip_grad_norm_(params[opt], cfg.grad_clip)
                     o.step()
                     o.zero_grad(set_to_none=True)
                     self.schedules[opt].step()
+                values = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
+                for k, value in values.items():  # before any checkpoint of this step: the one on disk stays good
+                    if not math.isfinite(value):
+                        last = "none" if self.saved_step is None else f"step {self.saved_step}"
+                        raise FloatingPointError(
+                            f"{self.name}: non-finite {k} ({value}) at step {self.step}; "
+                            f"training stopped, last good checkpoint: {last} ({self.checkpoint_path})"
+                        )
                 self._update_ema()
                 self.step += 1
                 self.position += samples
                 bar.update(1)
-                figures = sums
+                figures = values
                 if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == end):
-                    elapsed = time.perf_counter() - t0
-                    rate = (self.step - start_step) / max(elapsed, 1e-9)
+                    now = time.perf_counter()  # rates over the last interval: what the run does now
+                    rate = (self.step - last_step) / max(now - t_last, 1e-9)
+                    last_step, t_last = self.step, now
                     figures["samples_per_s"] = rate * samples
                     figures["lr"] = self.schedules[next(iter(self.schedules))].get_last_lr()[0]
                     if hasattr(self.objective, "rate_figures"):
@@ -254,8 +262,8 @@ class TrainLoop:
                             figures["mfu"] = figures["flops_per_s"] / (cfg.peak_tflops * 1e12)
                     eta = (end - self.step) / max(rate, 1e-9)
                     log.info("%s step %d/%d  %s  %.1f samples/s  ETA %.0fs", self.name, self.step, end,
-                             "  ".join(f"{k}={v:.4g}" for k, v in sums.items()), figures["samples_per_s"], eta)
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in list(sums.items())[:3]})
+                             "  ".join(f"{k}={v:.4g}" for k, v in values.items()), figures["samples_per_s"], eta)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:3]})
                     if writer is not None:
                         for k, v in figures.items():
                             writer.add_scalar(f"{self.name}/{k}", v, self.step)
