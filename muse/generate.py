@@ -14,6 +14,7 @@ from PIL import Image
 
 from muse.artifacts.store import Artifact, ArtifactStore
 from muse.config import TextEncoderConfig
+from muse.distributed import autocast
 from muse.models.text import load_text_encoder
 from muse.models.transformer import MaskedTransformer, load_transformer
 from muse.models.vqgan import from_pretrained, load_decoder
@@ -94,10 +95,9 @@ class Pipeline:
             return decode(model, memory, mask, u_memory, u_mask, cfg, generator, tokens)
 
     def precision(self) -> torch.autocast:
-        """Transformer passes in bf16 autocast on a GPU (as they trained), fp32 on CPU (bf16 is ~100x slower
-        there); the sampler reads the logits in fp32 either way."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-                              enabled=self.device.type == "cuda")
+        """Transformer passes in bf16 autocast on a GPU (as they trained), fp32 on CPU; the sampler reads the
+        logits in fp32 either way."""
+        return autocast(self.device)
 
     @torch.no_grad()
     def generate_tokens(self, prompts: list[str], negative: list[str] | None = None, steps: int = 24,

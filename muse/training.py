@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from muse.config import TrainConfig
+from muse.distributed import autocast
 
 log = logging.getLogger("muse.training")
 CHECKPOINT = "checkpoint.pt"
@@ -129,8 +130,6 @@ class TrainLoop:
         self.step = 0
         self.position = 0  # samples consumed: where the data stream resumes
         self.saved_step: int | None = None  # step of the checkpoint on disk
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -223,11 +222,11 @@ class TrainLoop:
                 for _ in range(cfg.grad_accum):
                     batch = to_device(next(batches), self.device)
                     samples += batch_len(batch)
-                    with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                        enabled=self.autocast_dtype is not None):
+                    with autocast(self.device, cfg.precision):
                         losses = self.objective.losses(batch, self.step)
                     for k, v in losses.items():
-                        sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=self.device).detach().float() / cfg.grad_accum
+                        value = torch.as_tensor(v, device=self.device).detach().float()
+                        sums[k] = sums.get(k, 0.0) + value / cfg.grad_accum
                     for opt, ps in params.items():
                         if opt in losses and losses[opt].requires_grad:
                             (losses[opt] / cfg.grad_accum).backward(inputs=ps)

@@ -12,6 +12,7 @@ from muse.datasets.stream import batches, sample_stream
 from muse.models.vqgan import VQModel
 from muse.datasets.decode import image_decoder
 from muse.stages.train_vqgan import ImageObjective
+from muse.distributed import autocast
 from muse.training import TrainLoop, lr_lambda, seed_everything
 
 
@@ -134,3 +135,52 @@ def test_compiled_training_matches_eager_and_keeps_the_state_dict_keys(tmp_path)
     assert states[True].keys() == states[False].keys()
     for k in states[False]:
         torch.testing.assert_close(states[True][k], states[False][k], rtol=1e-3, atol=1e-4)
+
+
+class _Linear:
+    """A least-squares objective on one linear layer, with an EMA copy."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.net = nn.Linear(2, 1)
+        self.modules = {"net": self.net}
+        self.optimizers = {"gen": ["net"]}
+        self.ema = ["net"]
+
+    def losses(self, batch, step):
+        return {"gen": (self.net(batch) - 1).pow(2).mean()}
+
+
+def test_ema_is_the_decayed_average_of_the_live_weights(tmp_path):
+    objective = _Linear()
+    start = {k: v.clone() for k, v in objective.net.state_dict().items()}
+    cfg = TrainConfig(steps=1, batch_size=2, lr=0.1, warmup_steps=0, ema_decay=0.75)
+    loop = TrainLoop(cfg, objective, tmp_path, "e")
+    loop.run(lambda pos: iter(lambda: torch.ones(2, 2), None))
+    live = objective.net.state_dict()
+    for k, v in loop.trained("net").state_dict().items():
+        torch.testing.assert_close(v, 0.75 * start[k] + 0.25 * live[k])
+        assert not torch.equal(live[k], start[k])  # the step moved the weights
+
+
+def test_logged_throughput_covers_the_last_interval_not_the_slow_first_steps(tmp_path):
+    import time
+
+    def data(position):
+        time.sleep(1.0)  # a slow first batch (a CUDA context, a cold cache) that later intervals must not carry
+        while True:
+            yield torch.ones(2, 2)
+
+    loop = TrainLoop(TrainConfig(steps=40, batch_size=2, warmup_steps=0, log_every=20), _Linear(), tmp_path, "r")
+    figures = loop.run(data)
+    assert figures["samples_per_s"] > 2 * 40 / 1.0  # since the start it would be under 80 samples/s
+
+
+def test_autocast_is_bf16_on_request_or_on_a_gpu_and_fp32_on_a_cpu_by_default():
+    a = torch.randn(4, 4)
+    with autocast(torch.device("cpu")):
+        assert (a @ a).dtype == torch.float32
+    with autocast(torch.device("cpu"), "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), "fp32"):
+        assert (a @ a).dtype == torch.float32
