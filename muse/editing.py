@@ -94,11 +94,8 @@ def token_log_likelihood(pipe: Pipeline, model, tokens: torch.Tensor, prompt: st
     split at random into `groups`; each group is masked in turn (a 1/groups mask rate, as the model trained on)."""
     n = tokens.shape[1]
     with pipe.precision():
-        memory, mask = pipe._memory(model, [prompt], cond)
-        if negative is not None:
-            u_memory, u_mask = pipe._memory(model, [negative], cond)
-        else:
-            u_memory, u_mask = pipe._memory(model, [prompt], cond, drop=True)
+        negatives = None if negative is None else [negative]
+        memory, mask, u_memory, u_mask = pipe.guidance_memories(model, [prompt], negatives, cond)
         mem, mem_mask = torch.cat([memory, u_memory]), torch.cat([mask, u_mask])
         kv = model.memory_kv(mem)
         group = torch.randperm(n, generator=generator, device=tokens.device) % groups

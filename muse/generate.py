@@ -87,12 +87,19 @@ class Pipeline:
                 tokens: torch.Tensor | None = None, scene: torch.Tensor | None = None) -> torch.Tensor:
         """Sample token grids; the scene (a layout) conditions both guidance branches, only the text is dropped."""
         with self.precision():
-            memory, mask = self._memory(model, prompts, cond, scene=scene)
-            if negative is not None:
-                u_memory, u_mask = self._memory(model, negative, cond, scene=scene)
-            else:
-                u_memory, u_mask = self._memory(model, prompts, cond, drop=True, scene=scene)
-            return decode(model, memory, mask, u_memory, u_mask, cfg, generator, tokens)
+            memories = self.guidance_memories(model, prompts, negative, cond, scene)
+            return decode(model, *memories, cfg, generator, tokens)
+
+    def guidance_memories(self, model: MaskedTransformer, prompts: list[str], negative: list[str] | None,
+                          cond: torch.Tensor | None = None, scene: torch.Tensor | None = None):
+        """(memory, mask, uncond memory, uncond mask) for classifier-free guidance: the negative prompts' memory
+        is the unconditional branch when given, else the prompts' memory with the text dropped."""
+        memory, mask = self._memory(model, prompts, cond, scene=scene)
+        if negative is not None:
+            u_memory, u_mask = self._memory(model, negative, cond, scene=scene)
+        else:
+            u_memory, u_mask = self._memory(model, prompts, cond, drop=True, scene=scene)
+        return memory, mask, u_memory, u_mask
 
     def precision(self) -> torch.autocast:
         """Transformer passes in bf16 autocast on a GPU (as they trained), fp32 on CPU; the sampler reads the
