@@ -111,16 +111,25 @@ class Pipeline:
                         superres_steps: int = 8, guidance_scale: float = 3.0, seed: int = 0,
                         superres_guidance_scale: float | None = None,
                         superres: bool = True, sampler: SamplerConfig | None = None,
-                        scene: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                        scene: torch.Tensor | None = None,
+                        tokens_low: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Base (then super-res) token grids for the prompts; `scene` is [1, n] scene tokens (see
         `muse.editing.scene_tokens`) laid out for every prompt, for a base model trained with them.
         `superres_guidance_scale` (None = `guidance_scale`): a super-res model that learned little from the text
-        only amplifies noise under strong guidance; its layout comes from the low-res tokens."""
+        only amplifies noise under strong guidance; its layout comes from the low-res tokens.
+        `tokens_low` [B, n]: upsample these low-res grids (e.g. a real image's) instead of sampling the base."""
         if scene is not None and self.vq_seg is None:
             raise ValueError("this base model was trained without scene tokens (train_base.scene_conditioning: false)")
         sampler = replace(sampler or SamplerConfig(), guidance_scale=guidance_scale)
         gen = torch.Generator(self.device).manual_seed(seed)
-        low = self._tokens(self.base, prompts, negative, replace(sampler, steps=steps), gen, scene=scene)
+        if tokens_low is None:
+            low = self._tokens(self.base, prompts, negative, replace(sampler, steps=steps), gen, scene=scene)
+        else:
+            side = self.vq_low.cfg.token_side
+            if tuple(tokens_low.shape) != (len(prompts), side * side):
+                raise ValueError(f"tokens_low has shape {tuple(tokens_low.shape)}; this pipeline's low-res grids are "
+                                 f"[{len(prompts)} prompts, {side * side}]")
+            low = tokens_low.to(self.device)
         out = {"tokens_low": low}
         if superres and self.superres is not None:
             sr_scene = scene if self.superres.spec.scene_codebook_size else None

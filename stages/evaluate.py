@@ -4,8 +4,10 @@ Figures in the `report` artifact: caption alignment of generated images on demo 
 (colour / shape / position, graded from pixels by `datasets.demo_check`), CLIP score
 (open_clip; flagged when its weights are random), FID against the val images (when
 Inception weights are configured; otherwise skipped with the reason), the tokenizers' and
-the finetuned decoder's val reconstruction PSNR, and codebook usage of the tokens. A grid
-of prompts and samples goes to the Prefect page.
+the finetuned decoder's val reconstruction PSNR, and codebook usage of the tokens. On demo
+data, the alignment of each link fed its true input (tokenizer and decoder reconstructions,
+super-res from the real low-res tokens) says where generated images lose what the caption
+names. A grid of prompts and samples goes to the Prefect page.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
 from muse.config import EvaluateConfig, PipelineConfig
 from muse.datasets.demo_check import grade
 from muse.datasets.shards import read_samples
-from muse.generate import Pipeline
+from muse.datasets.tokens import TokenTable
+from muse.generate import Pipeline, to_images
 
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("shards", "vqgan-low", "vqgan-high", "tokens", "base", "superres", "decoder")
 OUTPUTS: tuple[str, ...] = ("report",)
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: alignment by link
 
 log = logging.getLogger("muse.stages.evaluate")
 
@@ -48,6 +51,47 @@ def clip_score(images: list[Image.Image], captions: list[str], c: EvaluateConfig
         txt = model.encode_text(tokenizer(captions), normalize=True)
     score = float(100 * (img * txt).sum(-1).clamp_min(0).mean())
     return {"clip_score": round(score, 3), "clip_weights": c.clip_pretrained or "random (score not meaningful)"}
+
+
+def alignment(images: list[Image.Image], samples: list[dict]) -> dict[str, float]:
+    """Fraction of named objects graded right for colour, shape and position (demo captions)."""
+    graded = [r for img, s in zip(images, samples) for r in grade(img, s["info"]["source_info"]["objects"])]
+    return {part: round(float(np.mean([r[part] for r in graded])), 4) for part in ("colour", "shape", "position")}
+
+
+def alignment_by_link(pipe: Pipeline, samples: list[dict], tokens_root, c: EvaluateConfig) -> list[dict]:
+    """Caption alignment of each link of the chain when fed its true input, the val images' own tokens: the
+    tokenizers' and the finetuned decoder's reconstructions, and super-res sampled from the true low-res tokens.
+    Generated images cannot beat their weakest link, so this says where colour, shape or position is lost."""
+    wanted = {s["key"] for s in samples}
+    table = TokenTable(tokens_root, "val", ["key", "tokens_low", "tokens_high"])
+    rows: dict[str, dict] = {}
+    for i in range(len(table)):
+        if len(rows) == len(wanted):
+            break
+        row = table[i]
+        if row["key"] in wanted:
+            rows[row["key"]] = row
+    samples = [s for s in samples if s["key"] in rows]
+    if not samples:
+        return []
+    low_side, high_side = pipe.vq_low.cfg.token_side, pipe.vq_high.cfg.token_side
+    images: dict[str, list[Image.Image]] = {name: [] for name in (
+        "vqgan-low reconstruction", "vqgan-high reconstruction", "decoder on true high-res tokens",
+        "super-res from true low-res tokens")}
+    for i in range(0, len(samples), c.batch_size):
+        chunk = samples[i:i + c.batch_size]
+        low = torch.stack([rows[s["key"]]["tokens_low"] for s in chunk]).to(pipe.device)
+        high = torch.stack([rows[s["key"]]["tokens_high"] for s in chunk]).to(pipe.device)
+        with torch.no_grad():
+            images["vqgan-low reconstruction"] += to_images(pipe.vq_low.decode_codes(low.view(-1, low_side, low_side)))
+            high_grid = high.view(-1, high_side, high_side)
+            images["vqgan-high reconstruction"] += to_images(pipe.vq_high.decode_codes(high_grid))
+            images["decoder on true high-res tokens"] += to_images(pipe.decode_tokens({"tokens_high": high}))
+        images["super-res from true low-res tokens"] += pipe(
+            [s["caption"] for s in chunk], tokens_low=low, superres_steps=c.superres_steps,
+            guidance_scale=c.guidance_scale, superres_guidance_scale=c.superres_guidance_scale, seed=c.seed + i)
+    return [{"link": name, "images": len(ims), **alignment(ims, samples)} for name, ims in images.items()]
 
 
 def fid(generated: list[Image.Image], real: list[Image.Image], weights: str | None) -> dict:
@@ -114,15 +158,16 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     seconds = time.perf_counter() - start
     metrics: dict = {"prompts": len(images), "prompt_split": split,
                      "seconds_per_image": round(seconds / max(len(images), 1), 4)}
-    rows = []
-    graded = [(s, grade(img, s["info"]["source_info"]["objects"])) for s, img in zip(samples, images)
-              if "objects" in s["info"].get("source_info", {})]
+    rows, links = [], []
+    graded = [(s, img) for s, img in zip(samples, images) if "objects" in s["info"].get("source_info", {})]
     if graded:
-        for part in ("colour", "shape", "position"):
-            results = [r[part] for _, g in graded for r in g]
-            metrics[f"alignment_{part}"] = round(float(np.mean(results)), 4)
+        metrics.update({f"alignment_{part}": value for part, value in
+                        alignment([img for _, img in graded], [s for s, _ in graded]).items()})
         rows = [{"key": s["key"], "caption": s["caption"],
-                 **{p: all(r[p] for r in g) for p in ("colour", "shape", "position")}} for s, g in graded]
+                 **{p: all(r[p] for r in g) for p in ("colour", "shape", "position")}}
+                for s, g in ((s, grade(img, s["info"]["source_info"]["objects"])) for s, img in graded)]
+        if split == "val":  # the tokens artifact holds the val images' own tokens
+            links = alignment_by_link(pipe, [s for s, _ in graded], inputs["tokens"].path, c)
     metrics.update(clip_score(images, captions, c))
     metrics.update(fid(images, [s["image"] for s in samples], c.inception_weights))
     for kind, key in (("vqgan-low", "psnr"), ("vqgan-high", "psnr"), ("decoder", "new_psnr")):
@@ -136,9 +181,13 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
         (out.path / "samples").mkdir()
         for s, img in zip(samples, images):
             img.save(out.path / "samples" / f"{s['key']}.png")
-        (out.path / "report.json").write_text(json.dumps({"metrics": metrics, "lineage": pipe.lineage,
-                                                          "prompts": rows or captions}, indent=2))
+        (out.path / "report.json").write_text(json.dumps({"metrics": metrics, "alignment_by_link": links,
+                                                          "lineage": pipe.lineage, "prompts": rows or captions},
+                                                         indent=2))
         out.metrics = metrics
-        out.details = {"lineage": pipe.lineage, "tables": {"alignment": rows} if rows else {}}
+        tables = {"alignment": rows, "alignment-by-link": links}
+        out.details = {"lineage": pipe.lineage, "tables": {k: v for k, v in tables.items() if v}}
     log.info("evaluate: %s", metrics)
+    for link in links:
+        log.info("evaluate: alignment of %s", link)
     return out.artifact

@@ -59,6 +59,12 @@ def test_report_has_the_figures_and_the_lineage(trained_store):
     lineage = arts["report"].manifest.details["lineage"]
     assert lineage["decoder"] == arts["decoder"].version and lineage["base"] == arts["base"].version
     assert len(list((arts["report"].path / "samples").glob("*.png"))) == 4
+    # each link of the chain graded on the val images' own tokens, in the report and as a Prefect table
+    links = json.loads((arts["report"].path / "report.json").read_text())["alignment_by_link"]
+    assert [r["link"] for r in links] == ["vqgan-low reconstruction", "vqgan-high reconstruction",
+                                          "decoder on true high-res tokens", "super-res from true low-res tokens"]
+    assert all(r["images"] == 4 and all(0 <= r[p] <= 1 for p in ("colour", "shape", "position")) for r in links)
+    assert arts["report"].manifest.details["tables"]["alignment-by-link"] == links
 
 
 def test_same_seed_same_image_and_the_finetuned_decoder_is_used(trained_store):
@@ -79,6 +85,18 @@ def test_same_seed_same_image_and_the_finetuned_decoder_is_used(trained_store):
     assert torch.equal(c["tokens_low"], a["tokens_low"]) and scales == [3.0, 0.5]
     images = pipe(["a red circle on the left"], steps=4, superres_steps=2)
     assert images[0].size == (32, 32)
+
+
+def test_superres_alone_from_given_low_res_tokens(trained_store):
+    _, store, _ = trained_store
+    pipe = Pipeline.from_store(store)
+    low = torch.randint(0, pipe.vq_low.cfg.codebook_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = pipe.generate_tokens(["a red circle", "a blue square"], superres_steps=2, tokens_low=low, seed=1)
+    assert torch.equal(out["tokens_low"], low) and out["tokens_high"].shape == (2, 16)
+    other = pipe.generate_tokens(["a red circle", "a blue square"], superres_steps=2, tokens_low=low.flip(0), seed=1)
+    assert not torch.equal(other["tokens_high"], out["tokens_high"])  # the given grids condition super-res
+    with pytest.raises(ValueError, match=r"tokens_low has shape \(2, 15\)"):
+        pipe.generate_tokens(["a red circle", "a blue square"], tokens_low=low[:, :15])
 
 
 def test_generate_cli_with_a_prompts_file(trained_store, tmp_path, capsys):
