@@ -13,6 +13,8 @@ def _run(store, target, overrides=SMALL, **kw):
 
 def test_stage_runs_then_is_up_to_date_then_forced(prefect_api, store, caplog):
     first = _run(store, "shard")
+    # the stage's own INFO figures reach Prefect's handlers (the UI, the console), not only the flow's lines
+    assert any(r.name == "muse.stages.shard" and "img/s" in r.getMessage() for r in caplog.records)
     art = store.get("shards")
     assert first == {"shards": art.version} and art.manifest.seq == 1
     created = art.manifest.created
