@@ -53,10 +53,15 @@ def clip_score(images: list[Image.Image], captions: list[str], c: EvaluateConfig
     return {"clip_score": round(score, 3), "clip_weights": c.clip_pretrained or "random (score not meaningful)"}
 
 
-def alignment(images: list[Image.Image], samples: list[dict]) -> dict[str, float]:
-    """Fraction of named objects graded right for colour, shape and position (demo captions)."""
-    graded = [r for img, s in zip(images, samples) for r in grade(img, s["info"]["source_info"]["objects"])]
-    return {part: round(float(np.mean([r[part] for r in graded])), 4) for part in ("colour", "shape", "position")}
+def grade_samples(images: list[Image.Image], samples: list[dict]) -> list[list[dict[str, bool]]]:
+    """Per image, per object its demo caption names: colour, shape and position right or not."""
+    return [grade(img, s["info"]["source_info"]["objects"]) for img, s in zip(images, samples)]
+
+
+def alignment(per_image: list[list[dict[str, bool]]]) -> dict[str, float]:
+    """Fraction of named objects graded right for colour, shape and position."""
+    objects = [r for g in per_image for r in g]
+    return {part: round(float(np.mean([r[part] for r in objects])), 4) for part in ("colour", "shape", "position")}
 
 
 def alignment_by_link(pipe: Pipeline, samples: list[dict], tokens_root, c: EvaluateConfig) -> list[dict]:
@@ -91,7 +96,8 @@ def alignment_by_link(pipe: Pipeline, samples: list[dict], tokens_root, c: Evalu
         images["super-res from true low-res tokens"] += pipe(
             [s["caption"] for s in chunk], tokens_low=low, superres_steps=c.superres_steps,
             guidance_scale=c.guidance_scale, superres_guidance_scale=c.superres_guidance_scale, seed=c.seed + i)
-    return [{"link": name, "images": len(ims), **alignment(ims, samples)} for name, ims in images.items()]
+    return [{"link": name, "images": len(ims), **alignment(grade_samples(ims, samples))}
+            for name, ims in images.items()]
 
 
 def fid(generated: list[Image.Image], real: list[Image.Image], weights: str | None) -> dict:
@@ -159,15 +165,15 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     metrics: dict = {"prompts": len(images), "prompt_split": split,
                      "seconds_per_image": round(seconds / max(len(images), 1), 4)}
     rows, links = [], []
-    graded = [(s, img) for s, img in zip(samples, images) if "objects" in s["info"].get("source_info", {})]
-    if graded:
-        metrics.update({f"alignment_{part}": value for part, value in
-                        alignment([img for _, img in graded], [s for s, _ in graded]).items()})
+    demo = [(s, img) for s, img in zip(samples, images) if "objects" in s["info"].get("source_info", {})]
+    if demo:
+        per_image = grade_samples([img for _, img in demo], [s for s, _ in demo])
+        metrics.update({f"alignment_{part}": value for part, value in alignment(per_image).items()})
         rows = [{"key": s["key"], "caption": s["caption"],
                  **{p: all(r[p] for r in g) for p in ("colour", "shape", "position")}}
-                for s, g in ((s, grade(img, s["info"]["source_info"]["objects"])) for s, img in graded)]
+                for (s, _), g in zip(demo, per_image)]
         if split == "val":  # the tokens artifact holds the val images' own tokens
-            links = alignment_by_link(pipe, [s for s, _ in graded], inputs["tokens"].path, c)
+            links = alignment_by_link(pipe, [s for s, _ in demo], inputs["tokens"].path, c)
     metrics.update(clip_score(images, captions, c))
     metrics.update(fid(images, [s["image"] for s in samples], c.inception_weights))
     for kind, key in (("vqgan-low", "psnr"), ("vqgan-high", "psnr"), ("decoder", "new_psnr")):
