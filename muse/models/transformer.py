@@ -34,6 +34,7 @@ class TransformerSpec:
     side: int  # token grid side
     text_dim: int
     cond_codebook_size: int = 0  # super-res: low-res codebook (0 = base model)
+    cond_levels: tuple[int, ...] = ()  # super-res: the low-res tokenizer's fsq levels (ids embedded per level)
     cond_side: int = 0
     cond_depth: int = 2
     cond_aligned: bool = False  # super-res: add the upsampled low-res encoding to the input embeddings
@@ -99,13 +100,37 @@ class Block(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
-class GridEmbedding(nn.Module):
-    """Token ids on a side x side grid -> vectors: token embedding + learned row and column embeddings."""
+class LevelEmbedding(nn.Module):
+    """FSQ ids -> vectors: one small table per quantized dimension, summed over the id's levels.
 
-    def __init__(self, vocab: int, side: int, dim: int):
+    An FSQ id is a mixed-radix number whose digits are the levels of its dimensions; ids that
+    share a level share that level's vector, so every id is embedded well after a few hundred
+    steps, where a full table (one row per id, most rows seen rarely) is still mostly noise.
+    """
+
+    def __init__(self, levels: tuple[int, ...], dim: int):
+        super().__init__()
+        radix = torch.tensor(levels)
+        self.register_buffer("radix", radix, persistent=False)
+        self.register_buffer("basis", torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), radix[:-1]]), 0),
+                             persistent=False)
+        self.register_buffer("offset", torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), radix[:-1]]), 0),
+                             persistent=False)
+        self.table = nn.Embedding(int(radix.sum()), dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        digits = (ids[..., None] // self.basis) % self.radix
+        return self.table(digits + self.offset).sum(-2)
+
+
+class GridEmbedding(nn.Module):
+    """Token ids on a side x side grid -> vectors: token embedding + learned row and column embeddings
+    (`levels`: the ids are FSQ codes, embedded per level)."""
+
+    def __init__(self, vocab: int, side: int, dim: int, levels: tuple[int, ...] = ()):
         super().__init__()
         self.side = side
-        self.tok = nn.Embedding(vocab, dim)
+        self.tok = LevelEmbedding(levels, dim) if levels else nn.Embedding(vocab, dim)
         self.row = nn.Parameter(torch.randn(side, 1, dim) * 0.02)
         self.col = nn.Parameter(torch.randn(1, side, dim) * 0.02)
 
@@ -124,7 +149,7 @@ class MaskedTransformer(nn.Module):
         self.null = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.text_proj = nn.Sequential(nn.LayerNorm(spec.text_dim), nn.Linear(spec.text_dim, d))
         if spec.cond_codebook_size:
-            self.cond_embed = GridEmbedding(spec.cond_codebook_size, spec.cond_side, d)
+            self.cond_embed = GridEmbedding(spec.cond_codebook_size, spec.cond_side, d, tuple(spec.cond_levels))
             self.cond_blocks = nn.ModuleList(Block(d, spec.heads, spec.mlp_ratio, cross=False)
                                              for _ in range(spec.cond_depth))
             if spec.cond_aligned:

@@ -3,9 +3,12 @@
 Taming-transformers' layout: per level `num_res_blocks` ResBlocks (GroupNorm + SiLU),
 self-attention at the listed feature-map sides, a stride-2 downsampling between
 levels; a ResBlock-attention-ResBlock middle; the decoder mirrors it with nearest
-upsampling (`arch: vqvae` swaps in the plainer layout of `muse.models.vqvae`). The codebook is `vector-quantize-pytorch`'s: latents are projected to
-low-dimensional (optionally l2-normalised) codes, EMA-updated, with dead-code
-restarts. Images are in [-1, 1]; token ids are the codebook indices.
+upsampling (`arch: vqvae` swaps in the plainer layout of `muse.models.vqvae`).
+The quantizer is `vector-quantize-pytorch`'s: a codebook (latents projected to
+low-dimensional, optionally l2-normalised codes, EMA-updated, with dead-code
+restarts) or, with `quantizer: fsq`, finite scalar quantization (a few rounded
+dimensions whose level combinations are the codes). Images are in [-1, 1]; token
+ids are the code indices.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vector_quantize_pytorch import VectorQuantize
+from vector_quantize_pytorch import FSQ, VectorQuantize
 
 from muse.config import VQModelConfig
 from muse.models.vqvae import PlainResBlock, VQVAEDecoder, VQVAEEncoder
@@ -130,25 +133,33 @@ class VQModel(nn.Module):
         self.cfg = cfg
         self.encoder = make_encoder(cfg, in_channels)
         self.quant_conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 1)
-        self.quantizer = VectorQuantize(
-            dim=cfg.embed_dim, codebook_size=cfg.codebook_size, codebook_dim=cfg.code_dim,
-            use_cosine_sim=cfg.use_cosine_sim, ema_update=cfg.ema_update, learnable_codebook=not cfg.ema_update,
-            decay=cfg.decay, threshold_ema_dead_code=cfg.threshold_ema_dead_code, kmeans_init=cfg.kmeans_init,
-            rotation_trick=cfg.rotation_trick, commitment_weight=cfg.commitment_weight, accept_image_fmap=True,
-        )
+        if cfg.quantizer == "fsq":
+            self.quantizer = FSQ(list(cfg.fsq_levels), dim=cfg.embed_dim, channel_first=True)
+        else:
+            self.quantizer = VectorQuantize(
+                dim=cfg.embed_dim, codebook_size=cfg.codebook_size, codebook_dim=cfg.code_dim,
+                use_cosine_sim=cfg.use_cosine_sim, ema_update=cfg.ema_update, learnable_codebook=not cfg.ema_update,
+                decay=cfg.decay, threshold_ema_dead_code=cfg.threshold_ema_dead_code, kmeans_init=cfg.kmeans_init,
+                rotation_trick=cfg.rotation_trick, commitment_weight=cfg.commitment_weight, accept_image_fmap=True,
+            )
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 1)
         self.decoder = make_decoder(cfg, out_channels)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images [B, C, H, W] -> (quantized latents, token ids [B, h, w], codebook + commitment loss)."""
-        quantized, codes, vq_loss = self.quantizer(self.quant_conv(self.encoder(x)))
-        return quantized, codes, vq_loss
+        z = self.quant_conv(self.encoder(x))
+        if self.cfg.quantizer == "fsq":  # rounding has no codebook to pull latents towards: no loss term
+            quantized, codes = self.quantizer(z)
+            return quantized, codes.long(), z.new_zeros(())
+        return self.quantizer(z)
 
     def decode(self, quantized: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(quantized))
 
     def codes_to_latents(self, codes: torch.Tensor) -> torch.Tensor:
         """Token ids [B, h, w] -> the quantized latents the encoder would have produced for them."""
+        if self.cfg.quantizer == "fsq":
+            return self.quantizer.indices_to_codes(codes)
         return self.quantizer.project_out(self.quantizer.codebook[codes]).permute(0, 3, 1, 2)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
