@@ -10,6 +10,7 @@ are errors that name the key path, raised before anything runs.
 from __future__ import annotations
 
 import importlib.resources
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,14 +118,11 @@ class VQModelConfig(Section):
         if self.use_cosine_sim and not self.ema_update and self.quantizer == "vq":
             raise ValueError("a cosine-similarity codebook must be EMA-updated (ema_update: true)")
         if self.quantizer == "fsq":
-            product = 1
-            for level in self.fsq_levels:
-                product *= level
             if not self.fsq_levels or min(self.fsq_levels) < 2:
                 raise ValueError(f"fsq_levels {list(self.fsq_levels)}: need at least one dimension, each of 2+ levels")
-            if product != self.codebook_size:
+            if math.prod(self.fsq_levels) != self.codebook_size:
                 raise ValueError(f"codebook_size {self.codebook_size} must be the product of fsq_levels "
-                                 f"{list(self.fsq_levels)} = {product}")
+                                 f"{list(self.fsq_levels)} = {math.prod(self.fsq_levels)}")
         return self
 
 

@@ -189,6 +189,22 @@ def fit_worker(job: TransformerJob) -> dict:
     return {**figures, "steps": loop.step, "workers": world}
 
 
+def transformer_spec(model_cfg, geometry: dict[str, dict], text_dim: int, target: str, cond: str | None,
+                     scene: bool) -> TransformerSpec:
+    """The architecture for `target` tokens (conditioned on `cond` tokens for super-res) from the tokens
+    schema's geometry: grid sides, codebook sizes, and the fsq levels of FSQ low-res ids."""
+    return TransformerSpec(
+        dim=model_cfg.dim, depth=model_cfg.depth, heads=model_cfg.heads,
+        codebook_size=geometry[target]["codebook_size"], side=geometry[target]["side"], text_dim=text_dim,
+        cond_codebook_size=geometry[cond]["codebook_size"] if cond else 0,
+        # tokens from tokenize code version 1 name no levels: their ids are a codebook's
+        cond_levels=tuple(geometry[cond].get("fsq_levels", ())) if cond else (),
+        cond_side=geometry[cond]["side"] if cond else 0, cond_depth=model_cfg.cond_depth,
+        cond_aligned=bool(cond) and model_cfg.cond_aligned,
+        scene_codebook_size=geometry["seg_tokens"]["codebook_size"] if scene else 0,
+        scene_side=geometry["seg_tokens"]["side"] if scene else 0)
+
+
 def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfig, workers: WorkersConfig,
                       ray_cfg: RayConfig, text_drop_rate: float, label_smoothing: float, scene: bool,
                       scene_drop_rate: float, tokens: Artifact, target: str, cond: str | None,
@@ -200,16 +216,7 @@ def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfi
     precomputed = text_info is not None
     text = CaptionMemory(text_cfg, precomputed, device)
     text_dim = text_info["dim"] if precomputed else text.encoder.dim
-    spec = TransformerSpec(
-        dim=model_cfg.dim, depth=model_cfg.depth, heads=model_cfg.heads,
-        codebook_size=geometry[target]["codebook_size"], side=geometry[target]["side"], text_dim=text_dim,
-        cond_codebook_size=geometry[cond]["codebook_size"] if cond else 0,
-        # tokens from tokenize code version 1 name no levels: their ids are a codebook's
-        cond_levels=tuple(geometry[cond].get("fsq_levels", ())) if cond else (),
-        cond_side=geometry[cond]["side"] if cond else 0, cond_depth=model_cfg.cond_depth,
-        cond_aligned=bool(cond) and model_cfg.cond_aligned,
-        scene_codebook_size=geometry["seg_tokens"]["codebook_size"] if scene else 0,
-        scene_side=geometry["seg_tokens"]["side"] if scene else 0)
+    spec = transformer_spec(model_cfg, geometry, text_dim, target, cond, scene)
     version = store.version_of(create_kwargs["stage"], create_kwargs["config"], create_kwargs["inputs"],
                                create_kwargs["code_version"])
     work_dir = store.work_dir(kind, version)
