@@ -5,9 +5,9 @@ Figures in the `report` artifact: caption alignment of generated images on demo 
 (open_clip; flagged when its weights are random), FID against the val images (when
 Inception weights are configured; otherwise skipped with the reason), the tokenizers' and
 the finetuned decoder's val reconstruction PSNR, and codebook usage of the tokens. On demo
-data, the alignment of each link fed its true input (tokenizer and decoder reconstructions,
-super-res from the real low-res tokens) says where generated images lose what the caption
-names. A grid of prompts and samples goes to the Prefect page.
+data, the alignment of each link fed its true input (the base's samples decoded by the
+low-res tokenizer, tokenizer and decoder reconstructions, super-res from the real low-res
+tokens) says where generated images lose what the caption names. A grid of prompts and samples goes to the Prefect page.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from muse.generate import Pipeline, to_images
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("shards", "vqgan-low", "vqgan-high", "tokens", "base", "superres", "decoder")
 OUTPUTS: tuple[str, ...] = ("report",)
-CODE_VERSION = "2"  # 2: alignment by link
+CODE_VERSION = "3"  # 2: alignment by link; 3: the base's own link
+BASE_LINK = "base samples through the vqgan-low decoder"
 
 log = logging.getLogger("muse.stages.evaluate")
 
@@ -67,7 +68,8 @@ def alignment(per_image: list[list[dict[str, bool]]]) -> dict[str, float]:
 def alignment_by_link(pipe: Pipeline, samples: list[dict], tokens_root, c: EvaluateConfig) -> list[dict]:
     """Caption alignment of each link of the chain when fed its true input, the val images' own tokens: the
     tokenizers' and the finetuned decoder's reconstructions, and super-res sampled from the true low-res tokens.
-    Generated images cannot beat their weakest link, so this says where colour, shape or position is lost."""
+    Generated images cannot beat their weakest link, so this (with the base's row, its samples decoded by the
+    low-res tokenizer, which `run` adds) says where colour, shape or position is lost."""
     wanted = {s["key"] for s in samples}
     table = TokenTable(tokens_root, "val", ["key", "tokens_low", "tokens_high"])
     rows: dict[str, dict] = {}
@@ -156,11 +158,14 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     pipe = Pipeline.from_store(store, pins={k: inputs[k] for k in ("base", "superres", "decoder")})
     captions = [s["caption"] for s in samples]
     images: list[Image.Image] = []
+    tokens_low: list[torch.Tensor] = []
     start = time.perf_counter()
     for i in range(0, len(captions), c.batch_size):
-        images += pipe(captions[i:i + c.batch_size], steps=c.steps, superres_steps=c.superres_steps,
-                       guidance_scale=c.guidance_scale, superres_guidance_scale=c.superres_guidance_scale,
-                       seed=c.seed + i)
+        tokens = pipe.generate_tokens(captions[i:i + c.batch_size], steps=c.steps, superres_steps=c.superres_steps,
+                                      guidance_scale=c.guidance_scale,
+                                      superres_guidance_scale=c.superres_guidance_scale, seed=c.seed + i)
+        images += to_images(pipe.decode_tokens(tokens))
+        tokens_low.append(tokens["tokens_low"])
     seconds = time.perf_counter() - start
     metrics: dict = {"prompts": len(images), "prompt_split": split,
                      "seconds_per_image": round(seconds / max(len(images), 1), 4)}
@@ -172,8 +177,15 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
         rows = [{"key": s["key"], "caption": s["caption"],
                  **{p: all(r[p] for r in g) for p in ("colour", "shape", "position")}}
                 for (s, _), g in zip(demo, per_image)]
+        # The base's own link: its samples seen through the low-res decoder, before super-res.
+        side = pipe.vq_low.cfg.token_side
+        with torch.no_grad():
+            base_images = to_images(pipe.vq_low.decode_codes(torch.cat(tokens_low).view(-1, side, side)))
+        base_images = [img for s, img in zip(samples, base_images) if "objects" in s["info"].get("source_info", {})]
+        links = [{"link": BASE_LINK, "images": len(base_images),
+                  **alignment(grade_samples(base_images, [s for s, _ in demo]))}]
         if split == "val":  # the tokens artifact holds the val images' own tokens
-            links = alignment_by_link(pipe, [s for s, _ in demo], inputs["tokens"].path, c)
+            links += alignment_by_link(pipe, [s for s, _ in demo], inputs["tokens"].path, c)
     metrics.update(clip_score(images, captions, c))
     metrics.update(fid(images, [s["image"] for s in samples], c.inception_weights))
     for kind, key in (("vqgan-low", "psnr"), ("vqgan-high", "psnr"), ("decoder", "new_psnr")):

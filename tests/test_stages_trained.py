@@ -61,10 +61,33 @@ def test_report_has_the_figures_and_the_lineage(trained_store):
     assert len(list((arts["report"].path / "samples").glob("*.png"))) == 4
     # each link of the chain graded on the val images' own tokens, in the report and as a Prefect table
     links = json.loads((arts["report"].path / "report.json").read_text())["alignment_by_link"]
-    assert [r["link"] for r in links] == ["vqgan-low reconstruction", "vqgan-high reconstruction",
-                                          "decoder on true high-res tokens", "super-res from true low-res tokens"]
+    assert [r["link"] for r in links] == ["base samples through the vqgan-low decoder", "vqgan-low reconstruction",
+                                          "vqgan-high reconstruction", "decoder on true high-res tokens",
+                                          "super-res from true low-res tokens"]
     assert all(r["images"] == 4 and all(0 <= r[p] <= 1 for p in ("colour", "shape", "position")) for r in links)
     assert arts["report"].manifest.details["tables"]["alignment-by-link"] == links
+
+
+def test_the_base_link_grades_the_very_samples_the_report_generated(trained_store):
+    from muse.datasets.shards import read_samples
+    from muse.stages.evaluate import alignment, grade_samples
+
+    cfg, store, arts = trained_store
+    c = cfg.evaluate
+    samples = [s for _, s in zip(range(c.num_prompts), read_samples(arts["shards"].path, "val"))]
+    pipe = Pipeline.from_store(store, pins={k: arts[k] for k in ("base", "superres", "decoder")})
+    tokens = pipe.generate_tokens([s["caption"] for s in samples], steps=c.steps, superres_steps=c.superres_steps,
+                                  guidance_scale=c.guidance_scale, superres_guidance_scale=c.superres_guidance_scale,
+                                  seed=c.seed)
+    # the report's samples are these tokens decoded: the base row must come from the same draw
+    saved = [np.asarray(Image.open(arts["report"].path / "samples" / f"{s['key']}.png")) for s in samples]
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(saved, generate.to_images(pipe.decode_tokens(tokens))))
+    side = pipe.vq_low.cfg.token_side
+    with torch.no_grad():
+        low_images = generate.to_images(pipe.vq_low.decode_codes(tokens["tokens_low"].view(-1, side, side)))
+    base_row = json.loads((arts["report"].path / "report.json").read_text())["alignment_by_link"][0]
+    assert base_row == {"link": "base samples through the vqgan-low decoder", "images": len(samples),
+                        **alignment(grade_samples(low_images, samples))}
 
 
 def test_same_seed_same_image_and_the_finetuned_decoder_is_used(trained_store):
