@@ -18,11 +18,13 @@ free of training concerns:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -51,6 +53,9 @@ class Objective(Protocol):
 
     # Optional: `rate_figures(samples_per_s) -> {"tokens_per_s": ..., "flops_per_s": ...}`, logged with the
     # loss (and MFU from flops_per_s when train.peak_tflops is set).
+    # Optional: `generator`, a torch.Generator the objective draws its randomness from (masks, condition
+    # dropout) instead of the global RNG, which stages training in concurrent threads share; the loop
+    # checkpoints and restores its state, so a resumed run still continues exactly.
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -102,6 +107,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_GLOBAL_RNG = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed the global RNGs and keep them to this thread while it builds its modules: train-base and
+    train-superres run in concurrent threads of one flow run, and without the lock one thread's draws
+    would land between the other's seed and its weight init, so the initial weights (hence the models)
+    would change from run to run."""
+    with _GLOBAL_RNG:
+        seed_everything(seed)
+        yield
+
+
 class TrainLoop:
     """Runs an Objective for `cfg.steps` optimizer steps, checkpointing into `work_dir`."""
 
@@ -127,6 +146,7 @@ class TrainLoop:
         if cfg.compile:  # in place: the state-dict keys (checkpoints, EMA, artifacts) stay those of the eager module
             for module in objective.modules.values():
                 module.compile()
+        self.generator: torch.Generator | None = getattr(objective, "generator", None)
         self.step = 0
         self.position = 0  # samples consumed: where the data stream resumes
         self.saved_step: int | None = None  # step of the checkpoint on disk
@@ -141,6 +161,7 @@ class TrainLoop:
         """Write the checkpoint atomically: a crash mid-write leaves the previous one intact."""
         state = {
             "step": self.step, "position": self.position, "rng": _rng_state(),
+            "generator": None if self.generator is None else self.generator.get_state(),
             "modules": {k: m.state_dict() for k, m in self.objective.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedules": {k: s.state_dict() for k, s in self.schedules.items()},
@@ -167,6 +188,8 @@ class TrainLoop:
         self.step, self.position = state["step"], state["position"]
         self.saved_step = self.step
         _set_rng_state(state["rng"])
+        if self.generator is not None and state.get("generator") is not None:  # None: written before objectives had one
+            self.generator.set_state(state["generator"])
         log.info("%s: resumed from %s at step %d", self.name, self.checkpoint_path, self.step)
         return True
 
@@ -197,6 +220,8 @@ class TrainLoop:
         self.resume()
         if self.rank > 0:  # the checkpoint holds rank 0's RNG: give this rank its own masks and dropout
             seed_everything(hash((cfg.seed, self.rank, self.step)) % 2**31)
+            if self.generator is not None:
+                self.generator.manual_seed(hash((cfg.seed, self.rank, self.step, "objective")) % 2**31)
         end = cfg.steps if max_steps is None else min(cfg.steps, self.step + max_steps)
         batches = data(self.position)
         params = {opt: [p for m in mods for p in self.objective.modules[m].parameters() if p.requires_grad]

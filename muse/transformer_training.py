@@ -27,7 +27,7 @@ from muse.distributed import fit, rank_world, worker_device, wrap_ddp
 from muse.masking import mask_tokens, sample_mask_rate
 from muse.models.transformer import MaskedTransformer, TransformerSpec, save_transformer
 from muse.sample_grid import SampleGrid
-from muse.training import SAMPLES_DIR, TrainLoop, seed_everything
+from muse.training import SAMPLES_DIR, TrainLoop, seeded
 
 log = logging.getLogger("muse.transformer_training")
 RATE_BUCKETS = ((0.0, 0.4), (0.4, 0.8), (0.8, 1.01))
@@ -70,8 +70,9 @@ class MaskedObjective:
     """Masked-token cross-entropy with text dropout (and the low-res condition for super-res)."""
 
     def __init__(self, model: MaskedTransformer, target: str, text: CaptionMemory, text_drop_rate: float,
-                 label_smoothing: float, cond: str | None, scene_drop_rate: float = 0.0):
+                 label_smoothing: float, cond: str | None, scene_drop_rate: float = 0.0, seed: int = 0):
         self.model, self.target, self.text, self.cond = model, target, text, cond
+        self.generator = torch.Generator().manual_seed(seed)  # masks and dropout: this stage's own stream
         self.text_drop_rate, self.label_smoothing = text_drop_rate, label_smoothing
         self.scene_drop_rate = scene_drop_rate
         self.forward = wrap_ddp(MaskedLM(model))  # DDP inside a Ray Train process group, plain otherwise
@@ -88,13 +89,14 @@ class MaskedObjective:
     def losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         tokens = batch[self.target]
         b = tokens.shape[0]
-        rate = sample_mask_rate(b)  # on the host: the rate buckets below then need no device sync
-        inputs, mask = mask_tokens(tokens, rate, self.model.spec.mask_id)
+        rate = sample_mask_rate(b, self.generator)  # on the host: the rate buckets below then need no device sync
+        inputs, mask = mask_tokens(tokens, rate, self.model.spec.mask_id, self.generator)
         emb, text_mask = self.text(batch)
-        keep = torch.rand(b, device=tokens.device) >= self.text_drop_rate
+        keep = (torch.rand(b, generator=self.generator) >= self.text_drop_rate).to(tokens.device)
         scene = batch.get("seg_tokens") if self.model.spec.scene_codebook_size else None
         if scene is not None:  # -1 hides the scene: the model learns text-only generation too
-            scene = scene.masked_fill((torch.rand(b, device=tokens.device) < self.scene_drop_rate)[:, None], -1)
+            hidden = (torch.rand(b, generator=self.generator) < self.scene_drop_rate).to(tokens.device)
+            scene = scene.masked_fill(hidden[:, None], -1)
         logits = self.forward(inputs, emb, text_mask & keep[:, None], batch[self.cond] if self.cond else None, scene)
         spec = self.model.spec
         self.memory_len = 1 + emb.shape[1] + (spec.cond_side ** 2 if self.cond else 0) + \
@@ -167,11 +169,11 @@ def fit_worker(job: TransformerJob) -> dict:
     """Train on this worker's shard of the rows (rank-strided row groups); rank 0 saves the (EMA) weights."""
     rank, world = rank_world()
     device = worker_device()
-    seed_everything(job.train_cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = MaskedTransformer(job.spec).to(device)
+    with seeded(job.train_cfg.seed):  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        model = MaskedTransformer(job.spec).to(device)
     text = CaptionMemory(job.text_cfg, job.precomputed_text, device)
     objective = MaskedObjective(model, job.target, text, job.text_drop_rate, job.label_smoothing, job.cond,
-                                job.scene_drop_rate)
+                                job.scene_drop_rate, job.train_cfg.seed)
     train = TokenTable(job.tokens_path, "train", job.columns)
     loop = TrainLoop(job.train_cfg, objective, job.work_dir, job.kind, device, rank=rank)
     if rank == 0:

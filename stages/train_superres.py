@@ -12,7 +12,7 @@ from muse.transformer_training import train_transformer
 NAME = "train-superres"
 INPUTS: tuple[str, ...] = ("tokens",)
 OUTPUTS: tuple[str, ...] = ("superres",)
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: masks and condition dropout from the stage's own generator
 
 
 def config_of(config: PipelineConfig) -> dict:
