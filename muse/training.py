@@ -219,9 +219,10 @@ class TrainLoop:
         cfg = self.cfg
         self.resume()
         if self.rank > 0:  # the checkpoint holds rank 0's RNG: give this rank its own masks and dropout
-            seed_everything(hash((cfg.seed, self.rank, self.step)) % 2**31)
+            rank_seed = hash((cfg.seed, self.rank, self.step)) % 2**31  # ints only: str hashes differ per process
+            seed_everything(rank_seed)
             if self.generator is not None:
-                self.generator.manual_seed(hash((cfg.seed, self.rank, self.step, "objective")) % 2**31)
+                self.generator.manual_seed(rank_seed)
         end = cfg.steps if max_steps is None else min(cfg.steps, self.step + max_steps)
         batches = data(self.position)
         params = {opt: [p for m in mods for p in self.objective.modules[m].parameters() if p.requires_grad]

@@ -7,7 +7,8 @@ Inception weights are configured; otherwise skipped with the reason), the tokeni
 the finetuned decoder's val reconstruction PSNR, and codebook usage of the tokens. On demo
 data, the alignment of each link fed its true input (the base's samples decoded by the
 low-res tokenizer, tokenizer and decoder reconstructions, super-res from the real low-res
-tokens) says where generated images lose what the caption names. A grid of prompts and samples goes to the Prefect page.
+tokens) says where generated images lose what the caption names. A grid of prompts and
+samples goes to the Prefect page.
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     metrics: dict = {"prompts": len(images), "prompt_split": split,
                      "seconds_per_image": round(seconds / max(len(images), 1), 4)}
     rows, links = [], []
-    demo = [(s, img) for s, img in zip(samples, images) if "objects" in s["info"].get("source_info", {})]
+    is_demo = ["objects" in s["info"].get("source_info", {}) for s in samples]
+    demo = [(s, img) for s, img, keep in zip(samples, images, is_demo) if keep]
     if demo:
         per_image = grade_samples([img for _, img in demo], [s for s, _ in demo])
         metrics.update({f"alignment_{part}": value for part, value in alignment(per_image).items()})
@@ -181,7 +183,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
         side = pipe.vq_low.cfg.token_side
         with torch.no_grad():
             base_images = to_images(pipe.vq_low.decode_codes(torch.cat(tokens_low).view(-1, side, side)))
-        base_images = [img for s, img in zip(samples, base_images) if "objects" in s["info"].get("source_info", {})]
+        base_images = [img for img, keep in zip(base_images, is_demo) if keep]
         links = [{"link": BASE_LINK, "images": len(base_images),
                   **alignment(grade_samples(base_images, [s for s, _ in demo]))}]
         if split == "val":  # the tokens artifact holds the val images' own tokens
