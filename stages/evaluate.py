@@ -27,11 +27,12 @@ from muse.datasets.demo_check import grade
 from muse.datasets.shards import read_samples
 from muse.datasets.tokens import TokenTable
 from muse.generate import Pipeline, to_images
+from muse.training import seeded
 
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("shards", "vqgan-low", "vqgan-high", "tokens", "base", "superres", "decoder")
 OUTPUTS: tuple[str, ...] = ("report",)
-CODE_VERSION = "3"  # 2: alignment by link; 3: the base's own link
+CODE_VERSION = "4"  # 2: alignment by link; 3: the base's own link; 4: seeded random CLIP weights
 BASE_LINK = "base samples through the vqgan-low decoder"
 
 log = logging.getLogger("muse.stages.evaluate")
@@ -42,10 +43,14 @@ def config_of(config: PipelineConfig) -> dict:
 
 
 def clip_score(images: list[Image.Image], captions: list[str], c: EvaluateConfig) -> dict:
-    """Mean 100 x cosine(image, caption) under open_clip (random weights allowed, and then flagged)."""
+    """Mean 100 x cosine(image, caption) under open_clip (random weights allowed, and then flagged).
+
+    Random weights are drawn from `c.seed`: the score means nothing, but two reports of the same
+    images then show the same figure, so a change in it is a change in the images."""
     import open_clip
 
-    model, _, preprocess = open_clip.create_model_and_transforms(c.clip_model, pretrained=c.clip_pretrained)
+    with seeded(c.seed):
+        model, _, preprocess = open_clip.create_model_and_transforms(c.clip_model, pretrained=c.clip_pretrained)
     tokenizer = open_clip.get_tokenizer(c.clip_model)
     model.eval()
     with torch.no_grad():

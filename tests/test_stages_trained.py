@@ -90,6 +90,18 @@ def test_the_base_link_grades_the_very_samples_the_report_generated(trained_stor
                         **alignment(grade_samples(low_images, samples))}
 
 
+def test_a_random_weight_clip_score_is_the_same_for_the_same_images(trained_store):
+    from muse.datasets.shards import read_samples
+    from muse.stages.evaluate import clip_score
+
+    cfg, _, arts = trained_store
+    samples = [s for _, s in zip(range(cfg.evaluate.num_prompts), read_samples(arts["shards"].path, "val"))]
+    images = [Image.open(arts["report"].path / "samples" / f"{s['key']}.png").convert("RGB") for s in samples]
+    torch.manual_seed(1234)  # whatever the global RNG holds, the random CLIP weights come from the report's seed
+    again = clip_score(images, [s["caption"] for s in samples], cfg.evaluate)
+    assert again["clip_score"] == arts["report"].manifest.metrics["clip_score"] and "random" in again["clip_weights"]
+
+
 def test_same_seed_same_image_and_the_finetuned_decoder_is_used(trained_store):
     _, store, arts = trained_store
     pipe = Pipeline.from_store(store)
