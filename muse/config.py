@@ -63,6 +63,12 @@ class ShardConfig(Section):
 # ----------------------------------------------------------------------------- models
 
 
+# Knobs only one quantizer reads (see VQModelConfig.quantizer).
+VQ_ONLY = ("code_dim", "use_cosine_sim", "ema_update", "decay", "threshold_ema_dead_code", "kmeans_init",
+           "rotation_trick", "commitment_weight")
+FSQ_ONLY = ("fsq_levels",)
+
+
 class VQModelConfig(Section):
     """Geometry and codebook of one VQGAN tokenizer."""
 
@@ -96,6 +102,11 @@ class VQModelConfig(Section):
     kmeans_init: bool = Field(False, description="Initialise the codebook by k-means on the first batch.")
     rotation_trick: bool = Field(True, description="Rotation trick gradients through the quantizer (else STE).")
     commitment_weight: float = Field(0.25, ge=0, description="Weight of the commitment loss.")
+
+    def versioned(self) -> dict:
+        """The knobs this tokenizer reads, for its artifact's version: editing one the chosen quantizer
+        ignores (a codebook knob under fsq, the levels under vq) would retrain an identical tokenizer."""
+        return self.model_dump(mode="json", exclude=set(FSQ_ONLY if self.quantizer == "vq" else VQ_ONLY))
 
     @property
     def downsample(self) -> int:

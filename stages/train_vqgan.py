@@ -42,9 +42,11 @@ log = logging.getLogger("muse.stages.train_vqgan")
 
 
 def config_of(config: PipelineConfig) -> dict:
-    """The tokenizers' config plus the label space the scene tokenizer one-hots into."""
-    return {"train_vqgan": config.train_vqgan.model_dump(mode="json"),
-            "dataset_classes": list(config.segment.dataset_classes)}
+    """The tokenizers' config (each with the knobs its quantizer reads) plus the label space the scene
+    tokenizer one-hots into."""
+    c = config.train_vqgan
+    section = c.model_dump(mode="json") | {name: getattr(c, name).versioned() for name in ("low", "high", "seg")}
+    return {"train_vqgan": section, "dataset_classes": list(config.segment.dataset_classes)}
 
 
 # ----------------------------------------------------------------------------- objectives

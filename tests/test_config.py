@@ -65,3 +65,18 @@ def test_dump_round_trips():
 
     again = PipelineConfig.model_validate(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
+
+
+def test_a_tokenizer_knob_its_quantizer_ignores_leaves_the_version_alone():
+    from muse.artifacts.store import ArtifactStore
+    from muse.stages import train_vqgan
+
+    def version(*overrides):
+        cfg = load_config("tiny", overrides=list(overrides))
+        return ArtifactStore.version_of("train-vqgan", train_vqgan.config_of(cfg), {}, train_vqgan.CODE_VERSION)
+
+    fsq = ("train_vqgan.low.quantizer=fsq", "train_vqgan.low.codebook_size=1000")
+    assert version(*fsq) == version(*fsq, "train_vqgan.low.kmeans_init=false", "train_vqgan.low.code_dim=8")
+    assert version(*fsq) != version(*fsq[:1], "train_vqgan.low.fsq_levels=[10, 10, 10]", fsq[1])
+    assert version() == version("train_vqgan.low.fsq_levels=[4, 4, 4, 4]")
+    assert version() != version("train_vqgan.low.kmeans_init=false") != version(*fsq)
