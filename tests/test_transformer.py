@@ -219,7 +219,7 @@ def test_batched_guidance_equals_two_separate_passes():
     assert torch.allclose(both[2:], model(tokens, u_memory, u_mask), atol=1e-5)
 
 
-def _train_masked(work, spec, steps, max_steps=None):
+def _train_masked(work, spec, steps, max_steps=None, rank=0):
     """A masked transformer trained by the real objective and loop on a fixed token stream; its final weights."""
     from muse.config import TrainConfig
     from muse.training import TrainLoop, seeded
@@ -230,7 +230,7 @@ def _train_masked(work, spec, steps, max_steps=None):
     text = lambda batch: (batch["text_emb"], torch.ones(batch["text_emb"].shape[:2], dtype=torch.bool))  # noqa: E731
     objective = MaskedObjective(model, "tokens_low", text, text_drop_rate=0.1, label_smoothing=0.0, cond=None, seed=0)
     cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=1, checkpoint_every=3, log_every=100)
-    loop = TrainLoop(cfg, objective, work, "masked")
+    loop = TrainLoop(cfg, objective, work, "masked", rank=rank)
 
     def data(position):  # batch i is a function of i alone, so a resumed stream continues the same data
         for i in range(position // 8, 10**6):
@@ -261,3 +261,23 @@ def test_masked_training_is_reproducible_beside_a_concurrent_one_and_resumes_exa
     _train_masked(tmp_path / "resumed", SPEC, steps=6, max_steps=3)
     resumed = _train_masked(tmp_path / "resumed", SPEC, steps=6)
     assert all(torch.equal(alone[k], resumed[k]) for k in alone)
+
+
+def test_a_data_parallel_rank_draws_the_same_masks_in_every_process(tmp_path):
+    """A rank > 0 reseeds its masks and dropout from (seed, rank, step): nothing in that may change from one
+    process to the next (a str's hash does, with PYTHONHASHSEED), or its share of every run differs."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    script = ("import hashlib, sys, torch; from tests.test_transformer import SPEC, _train_masked; "
+              "w = _train_masked(sys.argv[1], SPEC, steps=2, rank=1); "
+              "print(hashlib.sha256(b''.join(w[k].numpy().tobytes() for k in sorted(w))).hexdigest())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digests = [subprocess.run([sys.executable, "-c", script, str(tmp_path / f"r{seed}")], cwd=root, check=True,
+                              capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}
+                              ).stdout.split()[-1] for seed in (1, 2)]
+    assert digests[0] == digests[1]
+    rank0 = _train_masked(tmp_path / "r0", SPEC, steps=2)  # and the rank's draws are its own, not rank 0's
+    assert digests[0] != hashlib.sha256(b"".join(rank0[k].numpy().tobytes() for k in sorted(rank0))).hexdigest()
