@@ -12,7 +12,7 @@ ratio to the peer, and the fraction of this machine's matmul peak, which the scr
 itself (fp32 sgemm on CPU, bf16 on GPU). On a GPU the step runs under bf16 autocast and the
 peak is the measured bf16 matmul rate; `--peak-tflops` prints MFU against a datasheet figure too.
 Install the peer apart from the project (`pip install --no-deps --target DIR muse-maskgit-pytorch
-ema-pytorch memory-efficient-attention-pytorch beartype einops`); its T5 is never loaded:
+ema-pytorch memory-efficient-attention-pytorch accelerate beartype einops`); its T5 is never loaded:
 the text embeddings are given.
 """
 
