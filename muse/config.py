@@ -63,10 +63,11 @@ class ShardConfig(Section):
 # ----------------------------------------------------------------------------- models
 
 
-# Knobs only one quantizer reads (see VQModelConfig.quantizer).
+# Knobs only one quantizer (VQModelConfig.quantizer) or one architecture (VQModelConfig.arch) reads.
 VQ_ONLY = ("code_dim", "use_cosine_sim", "ema_update", "decay", "threshold_ema_dead_code", "kmeans_init",
            "rotation_trick", "commitment_weight")
 FSQ_ONLY = ("fsq_levels",)
+TAMING_ONLY = ("mid_block", "attn_resolutions")
 
 
 class VQModelConfig(Section):
@@ -104,9 +105,11 @@ class VQModelConfig(Section):
     commitment_weight: float = Field(0.25, ge=0, description="Weight of the commitment loss.")
 
     def versioned(self) -> dict:
-        """The knobs this tokenizer reads, for its artifact's version: editing one the chosen quantizer
-        ignores (a codebook knob under fsq, the levels under vq) would retrain an identical tokenizer."""
-        return self.model_dump(mode="json", exclude=set(FSQ_ONLY if self.quantizer == "vq" else VQ_ONLY))
+        """The knobs this tokenizer reads, for its artifact's version: editing one the chosen quantizer or
+        architecture ignores (a codebook knob under fsq, the levels under vq, the middle block under vqvae)
+        would retrain an identical tokenizer."""
+        ignored = (FSQ_ONLY if self.quantizer == "vq" else VQ_ONLY) + (TAMING_ONLY if self.arch == "vqvae" else ())
+        return self.model_dump(mode="json", exclude=set(ignored))
 
     @property
     def downsample(self) -> int:

@@ -67,7 +67,7 @@ def test_dump_round_trips():
     assert again == cfg
 
 
-def test_a_tokenizer_knob_its_quantizer_ignores_leaves_the_version_alone():
+def test_a_tokenizer_knob_its_quantizer_or_architecture_ignores_leaves_the_version_alone():
     from muse.artifacts.store import ArtifactStore
     from muse.stages import train_vqgan
 
@@ -80,3 +80,6 @@ def test_a_tokenizer_knob_its_quantizer_ignores_leaves_the_version_alone():
     assert version(*fsq) != version(*fsq[:1], "train_vqgan.low.fsq_levels=[10, 10, 10]", fsq[1])
     assert version() == version("train_vqgan.low.fsq_levels=[4, 4, 4, 4]")
     assert version() != version("train_vqgan.low.kmeans_init=false") != version(*fsq)
+    assert version() == version("train_vqgan.low.mid_block=false")  # vqvae (the tiny preset) has no middle block
+    assert version("train_vqgan.low.arch=taming") != version("train_vqgan.low.arch=taming",
+                                                             "train_vqgan.low.mid_block=false")
