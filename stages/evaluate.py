@@ -88,7 +88,7 @@ def alignment_by_link(pipe: Pipeline, samples: list[dict], tokens_root, c: Evalu
     samples = [s for s in samples if s["key"] in rows]
     if not samples:
         return []
-    low_side, high_side = pipe.vq_low.cfg.token_side, pipe.vq_high.cfg.token_side
+    high_side = pipe.vq_high.cfg.token_side
     images: dict[str, list[Image.Image]] = {name: [] for name in (
         "vqgan-low reconstruction", "vqgan-high reconstruction", "decoder on true high-res tokens",
         "super-res from true low-res tokens")}
@@ -97,7 +97,7 @@ def alignment_by_link(pipe: Pipeline, samples: list[dict], tokens_root, c: Evalu
         low = torch.stack([rows[s["key"]]["tokens_low"] for s in chunk]).to(pipe.device)
         high = torch.stack([rows[s["key"]]["tokens_high"] for s in chunk]).to(pipe.device)
         with torch.no_grad():
-            images["vqgan-low reconstruction"] += to_images(pipe.vq_low.decode_codes(low.view(-1, low_side, low_side)))
+            images["vqgan-low reconstruction"] += to_images(pipe.decode_tokens({"tokens_low": low}))
             high_grid = high.view(-1, high_side, high_side)
             images["vqgan-high reconstruction"] += to_images(pipe.vq_high.decode_codes(high_grid))
             images["decoder on true high-res tokens"] += to_images(pipe.decode_tokens({"tokens_high": high}))
@@ -185,9 +185,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
                  **{p: all(r[p] for r in g) for p in ("colour", "shape", "position")}}
                 for (s, _), g in zip(demo, per_image)]
         # The base's own link: its samples seen through the low-res decoder, before super-res.
-        side = pipe.vq_low.cfg.token_side
-        with torch.no_grad():
-            base_images = to_images(pipe.vq_low.decode_codes(torch.cat(tokens_low).view(-1, side, side)))
+        base_images = to_images(pipe.decode_tokens({"tokens_low": torch.cat(tokens_low)}))
         base_images = [img for img, keep in zip(base_images, is_demo) if keep]
         links = [{"link": BASE_LINK, "images": len(base_images),
                   **alignment(grade_samples(base_images, [s for s, _ in demo]))}]

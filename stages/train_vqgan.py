@@ -42,8 +42,8 @@ log = logging.getLogger("muse.stages.train_vqgan")
 
 
 def config_of(config: PipelineConfig) -> dict:
-    """The tokenizers' config (each with the knobs its quantizer reads) plus the label space the scene
-    tokenizer one-hots into."""
+    """The tokenizers' config (each with the knobs its quantizer and architecture read) plus the label space
+    the scene tokenizer one-hots into."""
     c = config.train_vqgan
     section = c.model_dump(mode="json") | {name: getattr(c, name).versioned() for name in ("low", "high", "seg")}
     return {"train_vqgan": section, "dataset_classes": list(config.segment.dataset_classes)}

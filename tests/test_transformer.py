@@ -263,21 +263,25 @@ def test_masked_training_is_reproducible_beside_a_concurrent_one_and_resumes_exa
     assert all(torch.equal(alone[k], resumed[k]) for k in alone)
 
 
+def _digest(weights: dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest()
+
+
 def test_a_data_parallel_rank_draws_the_same_masks_in_every_process(tmp_path):
     """A rank > 0 reseeds its masks and dropout from (seed, rank, step): nothing in that may change from one
     process to the next (a str's hash does, with PYTHONHASHSEED), or its share of every run differs."""
-    import hashlib
     import os
     import subprocess
     import sys
 
-    script = ("import hashlib, sys, torch; from tests.test_transformer import SPEC, _train_masked; "
-              "w = _train_masked(sys.argv[1], SPEC, steps=2, rank=1); "
-              "print(hashlib.sha256(b''.join(w[k].numpy().tobytes() for k in sorted(w))).hexdigest())")
+    script = ("import sys; from tests.test_transformer import SPEC, _digest, _train_masked; "
+              "print(_digest(_train_masked(sys.argv[1], SPEC, steps=2, rank=1)))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digests = [subprocess.run([sys.executable, "-c", script, str(tmp_path / f"r{seed}")], cwd=root, check=True,
                               capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}
                               ).stdout.split()[-1] for seed in (1, 2)]
     assert digests[0] == digests[1]
-    rank0 = _train_masked(tmp_path / "r0", SPEC, steps=2)  # and the rank's draws are its own, not rank 0's
-    assert digests[0] != hashlib.sha256(b"".join(rank0[k].numpy().tobytes() for k in sorted(rank0))).hexdigest()
+    # and the rank's draws are its own, not rank 0's
+    assert digests[0] != _digest(_train_masked(tmp_path / "r0", SPEC, steps=2))
