@@ -14,9 +14,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MANIFEST_NAME = "manifest.json"
+# `_`-prefixed: dataset readers (pyarrow, pandas, duckdb, Hugging Face datasets) skip it beside parquet files.
+MANIFEST_NAME = "_manifest.json"
+LEGACY_MANIFEST_NAME = "manifest.json"  # what stores written before the rename hold; still read
 VERSION_LENGTH = 12
 
 
@@ -47,9 +49,18 @@ class FileEntry(BaseModel):
     size: int
     sha256: str
 
+    @field_validator("path")
+    @classmethod
+    def _inside_the_artifact(cls, path: str) -> str:
+        # A manifest from a shared store names the files a reader writes into its mirror: none may leave it.
+        parts = path.split("/")
+        if not path or path.startswith("/") or "\\" in path or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"file path {path!r} is not a plain relative path inside the artifact")
+        return path
+
 
 class Manifest(BaseModel):
-    """What an artifact is, where it came from and what it holds (`manifest.json`)."""
+    """What an artifact is, where it came from and what it holds (`_manifest.json`)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -3,7 +3,7 @@
 Stages read inputs as local files (tarfile, Ray Data), so every artifact a run
 touches is pulled into a local cache (`$MUSE_CACHE`, default ~/.cache/muse/<url hash>)
 and checked against its manifest's sha256 before use. Object stores have no
-atomic directory rename, so a commit uploads every file first and `manifest.json`
+atomic directory rename, so a commit uploads every file first and `_manifest.json`
 last: a version without a manifest is invisible to readers, and a crash mid-upload
 leaves nothing that looks complete. `.work/` checkpoints stay on the local disk.
 """

@@ -1,7 +1,7 @@
 """The versioned artifact store: `STORE/KIND/VERSION/` directories with a manifest.
 
 Layout under the root:
-    KIND/VERSION/manifest.json + files   a committed artifact (never modified in place)
+    KIND/VERSION/_manifest.json + files  a committed artifact (never modified in place)
     KIND/latest                          text file: the version `latest` resolves to
     .tmp/                                artifacts being written; renamed into place on commit
     .work/KIND/VERSION/                  scratch and checkpoints of resumable stages
@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 from pydantic import ValidationError
 
-from .manifest import MANIFEST_NAME, FileEntry, Manifest, content_version, sha256_file
+from .manifest import LEGACY_MANIFEST_NAME, MANIFEST_NAME, FileEntry, Manifest, content_version, sha256_file
 
 # Stage-written previews: PNG files under this folder of an artifact are shown on its Prefect page.
 PREVIEW_DIR = "previews"
@@ -110,7 +110,15 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _list_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    """An artifact directory's files, its manifest excepted."""
+    manifests = {root / MANIFEST_NAME, root / LEGACY_MANIFEST_NAME}
+    return sorted(p for p in root.rglob("*") if p.is_file() and p not in manifests)
+
+
+def manifest_path(artifact_dir: Path) -> Path:
+    """The manifest of an artifact directory: `_manifest.json`, or the name stores written before it used."""
+    legacy = artifact_dir / LEGACY_MANIFEST_NAME
+    return legacy if not (artifact_dir / MANIFEST_NAME).is_file() and legacy.is_file() else artifact_dir / MANIFEST_NAME
 
 
 class ArtifactStore:
@@ -129,7 +137,7 @@ class ArtifactStore:
 
     def _load(self, kind: str, version: str) -> Artifact:
         path = self.root / kind / version
-        mpath = path / MANIFEST_NAME
+        mpath = manifest_path(path)
         try:
             manifest = Manifest.model_validate_json(mpath.read_text())
         except FileNotFoundError:
@@ -149,12 +157,12 @@ class ArtifactStore:
             if not kdir.is_dir():
                 continue
             for vdir in kdir.iterdir():
-                if vdir.is_dir() and _VERSION_RE.match(vdir.name) and (vdir / MANIFEST_NAME).is_file():
+                if vdir.is_dir() and _VERSION_RE.match(vdir.name) and manifest_path(vdir).is_file():
                     out.append(self._load(k, vdir.name))
         return sorted(out, key=lambda a: (a.kind, a.manifest.seq))
 
     def has(self, kind: str, version: str) -> bool:
-        return (self.root / kind / version / MANIFEST_NAME).is_file()
+        return manifest_path(self.root / kind / version).is_file()
 
     def latest_version(self, kind: str) -> str | None:
         pointer = self.root / kind / "latest"

@@ -42,7 +42,7 @@ def test_commit_is_visible_from_another_machine(url, tmp_path):
 
     fs = fsspec.filesystem("memory")
     root = url.removeprefix("memory:/")
-    assert fs.exists(f"{root}/shards/{art.version}/manifest.json")
+    assert fs.exists(f"{root}/shards/{art.version}/_manifest.json")
     assert fs.cat_file(f"{root}/shards/latest").decode().strip() == art.version
 
     b = RemoteArtifactStore(url, tmp_path / "cache-b")

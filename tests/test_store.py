@@ -26,7 +26,7 @@ def test_versions_are_content_derived():
 
 def test_commit_writes_manifest_hashes_and_latest(store):
     a = _write(store)
-    m = json.loads((a.path / "manifest.json").read_text())
+    m = json.loads((a.path / "_manifest.json").read_text())
     assert m["kind"] == "shards" and m["seq"] == 1 and m["status"] == "complete"
     assert {f["path"] for f in m["files"]} == {"data.bin", "sub/x.txt"}
     assert store.latest_version("shards") == a.version
