@@ -6,8 +6,10 @@ white), reject what cannot be used, resize the shorter side and center-crop to
 the largest resolution a tokenizer reads, encode. The main process then drops
 exact duplicates (first occurrence wins), assigns the split by hashing the
 item's source id, and writes in item order — so the output is byte-identical
-whatever the worker count. Every rejected item is counted by reason and the
-first few of each reason are named in the manifest and the log.
+whatever the worker count. A sample's key is its producer's key (`shard_key`), else
+its index in read order (9 digits); a key already taken is rejected. Every rejected
+item is counted by reason and the first few of each reason are named in the manifest
+and the log.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import logging
 import math
 import multiprocessing
+import re
 import time
 import warnings
 from collections import Counter
@@ -38,11 +41,11 @@ from muse.datasets.sources import Item, SourceError, detect_kind, fingerprint, i
 NAME = "shard"
 INPUTS: tuple[str, ...] = ()
 OUTPUTS: tuple[str, ...] = ("shards",)
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: samples keep their producer's key
 
 REJECT_REASONS = (
     "corrupt", "truncated", "empty", "too_small", "too_large", "no_caption",
-    "duplicate", "missing_image", "unreadable", "bad_sidecar",
+    "duplicate", "duplicate_key", "missing_image", "unreadable", "bad_sidecar", "outside_source",
 )
 EXAMPLES_PER_REASON = 5
 WINDOW = 256  # items in flight: bounds memory whatever the source size
@@ -64,6 +67,7 @@ class ImageParams:
 @dataclass
 class Processed:
     source_id: str
+    key: str | None  # the producer's key, made a valid shard key
     image: bytes
     caption: str
     info: dict
@@ -98,6 +102,12 @@ def config_of(config: PipelineConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- per sample (workers)
+
+
+def shard_key(producer_key: str) -> str:
+    """The shard key of a producer's key: every character but letters, digits, `_` and `-` becomes `_` (a dot would
+    end a webdataset key, a slash would make it a folder), so img2dataset's keys are kept as they are."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", producer_key)
 
 
 def normalize_caption(text: str) -> str:
@@ -191,7 +201,8 @@ def process(item: Item, params: ImageParams) -> Processed | Rejected:
     }
     if raw.info:
         info["source_info"] = raw.info
-    return Processed(sid, _encode(img, params.image_format, params.jpeg_quality), caption, info, panoptic,
+    key = None if raw.key is None else shard_key(raw.key)
+    return Processed(sid, key, _encode(img, params.image_format, params.jpeg_quality), caption, info, panoptic,
                      info["sha256"])
 
 
@@ -246,7 +257,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     c = config.shard
     kind = source_kind(config)
     params = ImageParams(config.image_resolution, c.min_side, c.max_pixels, c.image_format, c.jpeg_quality)
-    items = iter_items(kind, c.source, c.image_column, c.caption_column,
+    items = iter_items(kind, c.source, c.image_column, c.caption_column, c.key_column,
                        config.demo.num_samples, config.demo.image_size, config.demo.seed)
     total = config.demo.num_samples if kind == "demo" else None
     log.info("shard: reading %s source %s at %dpx (%s) with %d workers",
@@ -255,6 +266,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     read, rejected = 0, Counter()
     examples: dict[str, list[str]] = {}
     seen: set[str] = set()
+    keys: set[str] = set()
     written = {s: 0 for s in SPLITS}
     shard_stats: dict[str, dict[int, dict]] = {s: {} for s in SPLITS}
     preview: list[tuple[bytes, str]] = []
@@ -273,8 +285,12 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
             for index, result in enumerate(_process_all(items, params, c.workers)):
                 read += 1
                 bar.update(1)
-                if isinstance(result, Processed) and c.dedupe and result.sha256 in seen:
-                    result = Rejected(result.source_id, "duplicate", f"sha256 {result.sha256[:16]}")
+                if isinstance(result, Processed):
+                    key = result.key or f"{index:09d}"  # the producer's key, else the read index
+                    if c.dedupe and result.sha256 in seen:
+                        result = Rejected(result.source_id, "duplicate", f"sha256 {result.sha256[:16]}")
+                    elif key in keys:
+                        result = Rejected(result.source_id, "duplicate_key", f"key {key} was taken by an earlier sample")
                 if isinstance(result, Rejected):
                     rejected[result.reason] += 1
                     bucket = examples.setdefault(result.reason, [])
@@ -283,8 +299,8 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
                         log.warning("shard: rejected %s (%s): %s", result.source_id, result.reason, result.detail)
                     continue
                 seen.add(result.sha256)
+                keys.add(key)
                 split = split_of(result.source_id, c.val_fraction)
-                key = f"{index:09d}"
                 sample = {"__key__": key, c.image_format: result.image, "txt": result.caption,
                           "json": json.dumps({"key": key, "split": split, **result.info}).encode()}
                 if result.panoptic is not None:

@@ -162,10 +162,13 @@ def test_metadata_sources(tmp_path, store, small_config, fmt):
 
 def test_metadata_with_wrong_column_names_the_file_and_column(tmp_path, store, small_config):
     path = tmp_path / "metadata.jsonl"
-    path.write_text(json.dumps({"image": "a.png", "text": "x"}) + "\n")
-    with pytest.raises(SourceError, match=r"metadata.jsonl: row 0 has no column 'file_name'"):
+    path.write_text(json.dumps({"picture": "a.png", "text": "x"}) + "\n")
+    with pytest.raises(SourceError, match=r"metadata.jsonl:1: no image column: none of file_name, image.*"
+                                          r"\(has: picture, text\); set shard.image_column"):
         shard.run(small_config(f"shard.source={path}"), {}, store)
-    cfg = small_config(f"shard.source={path}", "shard.image_column=image")
+    with pytest.raises(SourceError, match=r"metadata.jsonl:1: no column 'file_name'"):
+        shard.run(small_config(f"shard.source={path}", "shard.image_column=file_name"), {}, store)
+    cfg = small_config(f"shard.source={path}", "shard.image_column=picture")
     (tmp_path / "a.png").write_bytes(_png_bytes(_img((1, 100, 1))))
     assert shard.run(cfg, {}, store).manifest.metrics["written"] == 1
 
