@@ -28,7 +28,14 @@ import pyarrow.parquet as pq
 import torch
 
 SCHEMA_FILE = "_schema.json"
+SCHEMA_METADATA_KEY = "muse"  # parquet schema metadata: {"geometry": ..., "text": ...}
 TOKEN_COLUMNS = ("tokens_low", "tokens_high", "seg_tokens")
+
+
+def token_file(split: str, index: int) -> str:
+    """Name of a tokens artifact's index-th parquet file of a split; the split prefix is what Hugging Face
+    `datasets` reads splits from (`val` is its validation split)."""
+    return f"{split}-{index:05d}.parquet"
 
 
 @dataclass(frozen=True)
@@ -66,9 +73,9 @@ class TokenTable:
 
     def __init__(self, root: str | Path, split: str = "train", columns: list[str] | None = None):
         self.root = Path(root)
-        files = sorted((self.root / split).glob("*.parquet"))
+        files = sorted(self.root.glob(f"{split}-*.parquet"))  # token_file names
         if not files:
-            raise FileNotFoundError(f"{self.root / split}: no parquet files (is this a tokens artifact?)")
+            raise FileNotFoundError(f"{self.root}: no {split} parquet files (is this a tokens artifact?)")
         info = json.loads((self.root / SCHEMA_FILE).read_text())
         self.geometry: dict[str, dict] = info["geometry"]
         self.text: dict | None = info["text"]

@@ -17,8 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from muse.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the file or key path."""
 
 
@@ -46,8 +48,14 @@ class ShardConfig(Section):
     source_kind: Literal["auto", "folder", "metadata", "webdataset", "demo"] = Field(
         "auto", description="How to read `source`; auto-detected from its path when 'auto'."
     )
-    image_column: str = Field("file_name", description="Metadata column holding the image path.")
-    caption_column: str = Field("text", description="Metadata column holding the caption.")
+    image_column: str | None = Field(None, description=(
+        "Metadata column holding the image: a path relative to the metadata file, raw bytes, or a Hugging Face "
+        "Image struct {bytes, path}; None = the first of file_name, image, jpg, png, webp present."))
+    caption_column: str | None = Field(None, description=(
+        "Metadata column holding the caption; None = the first of text, caption, txt present."))
+    key_column: str = Field("key", description=(
+        "Metadata column holding the producer's sample key (img2dataset's `key`), kept as the shard key "
+        "when present."))
     min_side: int = Field(32, ge=1, description="Images whose shorter side is below this are rejected.")
     max_pixels: int = Field(
         89_478_485, ge=1, description="Images with more pixels are rejected (PIL's decompression-bomb limit)."
@@ -198,15 +206,23 @@ class WorkersConfig(Section):
 
 
 class PanopticSegmenterConfig(Section):
-    """detectron2 panoptic model (optional extra)."""
+    """COCO-panoptic segmenter: Hugging Face transformers (Mask2Former) or detectron2 (optional extra)."""
 
+    backend: Literal["transformers", "detectron2"] = Field("transformers", description=(
+        "transformers: a Mask2Former/MaskFormer checkpoint trained on COCO panoptic (installs with the "
+        "project); detectron2: a model-zoo config (needs the detectron2 extra)."))
+    model: str = Field("facebook/mask2former-swin-large-coco-panoptic", description=(
+        "transformers: a local checkpoint directory or a Hugging Face hub id (the usual cache; HF_HUB_OFFLINE "
+        "respected). `segmenters: auto` uses it only when its weights are already on this machine."))
+    threshold: float = Field(0.8, ge=0, le=1, description="transformers: segments scored below this are dropped.")
     config_name: str = Field(
         "COCO-PanopticSegmentation/panoptic_fpn_R_101_3x.yaml", description="detectron2 model-zoo config."
     )
-    weights: str | None = Field(None, description="Checkpoint path or URL; None = the model zoo's URL for config_name.")
+    weights: str | None = Field(None, description="detectron2: checkpoint path or URL; None = the model zoo's URL "
+                                "for config_name.")
     id_scheme: Literal["separated", "contiguous"] = Field(
         "separated",
-        description="How segments_info category_id counts: 'separated' (Panoptic FPN: things 0-79, stuff 1-53) "
+        description="detectron2: how segments_info category_id counts: 'separated' (Panoptic FPN: things 0-79, stuff 1-53) "
         "or 'contiguous' (0-132 over things then stuff, e.g. Panoptic-DeepLab, Mask2Former).",
     )
 
@@ -236,9 +252,12 @@ class MasksSegmenterConfig(Section):
 class SegmentConfig(Section):
     """Stage `segment`: Make-A-Scene scene maps (one label per pixel + an edge map)."""
 
-    segmenters: list[Literal["masks", "panoptic", "human", "face"]] = Field(
-        ["masks"], description="Segmenters to run and merge; 'masks' reads a dataset's ground truth instead of panoptic."
-    )
+    segmenters: Literal["auto", "none"] | list[Literal["masks", "panoptic", "human", "face"]] = Field(
+        "auto", description=(
+            "Segmenters to run and merge ('masks' reads a dataset's ground truth instead of panoptic). auto: "
+            "masks where the source ships them, else the model segmenters whose extras and weights are on this "
+            "machine (panoptic, with human when segment.human.weights is set and face when face-alignment is "
+            "installed), else no scene maps. none: no scene maps (no scene tokenizer, no seg_tokens)."))
     dataset_classes: list[str] = Field(
         [], description="Class names of a dataset's own masks, appended to the label space after the face parts."
     )
@@ -253,10 +272,12 @@ class SegmentConfig(Section):
 
     @model_validator(mode="after")
     def _one_base(self) -> "SegmentConfig":
+        if isinstance(self.segmenters, str):
+            return self
         if "masks" in self.segmenters and "panoptic" in self.segmenters:
             raise ValueError("use either 'masks' or 'panoptic' as the base segmenter, not both")
         if not self.segmenters:
-            raise ValueError("at least one segmenter is needed")
+            raise ValueError("at least one segmenter is needed (or 'none' for no scene maps)")
         return self
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore, MissingArtifact
 from safetensors.torch import load_file, save_file
 
-from muse.config import RayConfig, TextEncoderConfig, TrainConfig, WorkersConfig
+from muse.config import ConfigError, RayConfig, TextEncoderConfig, TrainConfig, WorkersConfig
 from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.distributed import fit, rank_world, worker_device, wrap_ddp
 from muse.masking import mask_tokens, sample_mask_rate
@@ -215,6 +215,9 @@ def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfi
     """Train (in-process, or on Ray Train workers), evaluate and commit one masked transformer (`base`/`superres`)."""
     schema = json.loads((tokens.path / "_schema.json").read_text())
     geometry, text_info = schema["geometry"], schema["text"]
+    if scene and "seg_tokens" not in geometry:
+        raise ConfigError(f"{create_kwargs['stage'].replace('-', '_')}.scene_conditioning needs scene tokens, but "
+                          f"{tokens.ref} has none (its run recorded no scene maps: {tokens.manifest.details['scene_plan']})")
     precomputed = text_info is not None
     text = CaptionMemory(text_cfg, precomputed, device)
     text_dim = text_info["dim"] if precomputed else text.encoder.dim

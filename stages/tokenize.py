@@ -1,16 +1,21 @@
 """Stage `tokenize`: every sample's token ids (and, optionally, caption embeddings) into parquet.
 
-One Ray Data row per input shard; an actor pool whose actors hold the VQ encoders and
-the text encoder (GPU when the cluster has one) turns a shard into one parquet file
-with the same name (`train/00000.parquet` for `train/00000.tar`), writing a row group
-every `row_group_size` rows, so memory stays flat however large the dataset and a rerun
-or a bigger cluster stays parallel per shard. Actors write into the artifact's staging
-directory: on a multi-node cluster the store must be on storage every node sees.
+Consecutive shards of a split are grouped so that each group holds at least `row_group_size`
+rows; one Ray Data row per group, and an actor pool whose actors hold the VQ encoders and the
+text encoder (GPU when the cluster has one) turns a group into one parquet file
+(`train-00000.parquet`, `val-00000.parquet`, ...) with row groups of `row_group_size` rows, so
+memory stays flat however large the dataset and a rerun or a bigger cluster stays parallel per
+group. Actors write into the artifact's staging directory: on a multi-node cluster the store
+must be on storage every node sees. The files sit side by side with only `_`-prefixed JSON
+beside them, so the artifact folder reads as one dataset (`pq.read_table(dir)`,
+`pd.read_parquet(dir)`, duckdb's `read_parquet('dir/*.parquet')`, `datasets.load_dataset(
+"parquet", data_dir=dir)` with its train and validation splits).
 
 Columns (DESIGN.md "Data formats"): key, caption, split, tokens_low, tokens_high,
-seg_tokens (null where segmentation failed), text_emb (float16, padded to
-max_length x dim) + text_len when `precompute_text`. The manifest and `_schema.json`
-record the token geometry, codebook sizes and the text encoder.
+seg_tokens (null where segmentation failed; absent when the run has no scene maps), text_emb
+(float16, padded to max_length x dim) + text_len when `precompute_text`. The parquet schema's
+metadata (`muse`), the manifest and `_schema.json` record the token geometry, codebook sizes
+and the text encoder.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ import torch
 from muse.artifacts.store import Artifact, ArtifactStore
 from muse.config import PipelineConfig, TokenizeConfig, VQModelConfig
 from muse.datasets.decode import image_bytes, image_tensor, scene_tensor
+from muse.datasets.segments import scene_maps_of
 from muse.datasets.shards import SPLITS, shard_files
 from muse.datasets.stream import iter_tar
-from muse.datasets.tokens import SCHEMA_FILE, TOKEN_COLUMNS
+from muse.datasets.tokens import SCHEMA_FILE, SCHEMA_METADATA_KEY, TOKEN_COLUMNS, token_file
 from muse.models.text import load_text_encoder
 from muse.models.vqgan import from_pretrained
 from muse.ray_runtime import gpus_per_actor, init_ray
@@ -38,7 +44,7 @@ from muse.ray_runtime import gpus_per_actor, init_ray
 NAME = "tokenize"
 INPUTS: tuple[str, ...] = ("shards", "segments", "vqgan-low", "vqgan-high", "vqseg")
 OUTPUTS: tuple[str, ...] = ("tokens",)
-CODE_VERSION = "2"  # 2: geometry records the fsq levels of each token column
+CODE_VERSION = "3"  # 2: fsq levels in the geometry; 3: flat split-named files, row groups across shards
 
 log = logging.getLogger("muse.stages.tokenize")
 
@@ -51,16 +57,17 @@ def config_of(config: PipelineConfig) -> dict:
 
 
 def schema(geometry: dict[str, dict], text: dict | None) -> pa.Schema:
-    """The parquet schema for this token geometry (and text embedding shape when stored)."""
+    """The parquet schema for this token geometry (and text embedding shape when stored); geometry and text
+    ride in its metadata, so a parquet file alone says how to read its lists."""
     fields = [pa.field("key", pa.string(), nullable=False), pa.field("caption", pa.string(), nullable=False),
               pa.field("split", pa.string(), nullable=False)]
-    for column in TOKEN_COLUMNS:
+    for column in (c for c in TOKEN_COLUMNS if c in geometry):
         side = geometry[column]["side"]
         fields.append(pa.field(column, pa.list_(pa.uint16(), side * side), nullable=column == "seg_tokens"))
     if text is not None:
         fields += [pa.field("text_emb", pa.list_(pa.float16(), text["max_length"] * text["dim"]), nullable=False),
                    pa.field("text_len", pa.int16(), nullable=False)]
-    return pa.schema(fields)
+    return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps({"geometry": geometry, "text": text})})
 
 
 def _column(values: list, field: pa.Field) -> pa.Array:
@@ -97,7 +104,8 @@ class ShardEncoder:
         cols["tokens_low"] = self._codes("low", [image_tensor(b, res["low"]) for b in images])
         cols["tokens_high"] = self._codes("high", [image_tensor(b, res["high"]) for b in images])
         present = [i for i, (_, _, scene) in enumerate(samples) if scene is not None]
-        cols["seg_tokens"] = [None] * len(samples)
+        if "seg" in self.models:
+            cols["seg_tokens"] = [None] * len(samples)
         if present:
             scenes = [scene_tensor(samples[i][2]["seg.png"], samples[i][2]["edge.png"], res["seg"], self.num_labels)
                       for i in present]
@@ -111,14 +119,12 @@ class ShardEncoder:
             cols["text_len"] = mask.sum(1).cpu().tolist()
         return cols
 
-    def encode_shard(self, shard: Path, scenes_path: Path | None, split: str) -> dict:
-        """Encode one tar into `<split>/<name>.parquet`; returns rows, seconds and code histograms."""
+    def encode_group(self, shards: list[Path], scene_paths: list[Path | None], split: str, index: int) -> dict:
+        """Encode consecutive tars into `<split>-<index>.parquet`; returns rows, seconds and code histograms."""
         start = time.perf_counter()
-        scenes = dict(iter_tar(scenes_path)) if scenes_path else {}
-        target = self.out_dir / split / (shard.stem + ".parquet")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = self.out_dir / token_file(split, index)
         hist = {n: np.zeros(self.models[t].cfg.codebook_size, np.int64)
-                for n, t in zip(TOKEN_COLUMNS, ("low", "high", "seg"))}
+                for n, t in zip(TOKEN_COLUMNS, ("low", "high", "seg")) if t in self.models}
         pending: dict[str, list] = {f.name: [] for f in self.schema}
         stats = {"rows": 0, "missing_scene": 0}
 
@@ -126,7 +132,7 @@ class ShardEncoder:
             cols = self._encode(batch, split)
             for name, values in cols.items():
                 pending[name] += values
-            for name in TOKEN_COLUMNS:
+            for name in hist:
                 present = [v for v in cols[name] if v is not None]
                 if present:
                     hist[name] += np.bincount(np.concatenate(present), minlength=len(hist[name]))
@@ -142,16 +148,18 @@ class ShardEncoder:
 
         batch: list[tuple[str, dict, dict | None]] = []
         with pq.ParquetWriter(target, self.schema, compression="zstd") as writer:
-            for key, files in iter_tar(shard):
-                if "txt" not in files:
-                    raise ValueError(f"{shard}: sample {key!r} has no caption (txt member)")
-                scene = scenes.get(key)
-                stats["missing_scene"] += scene is None
-                batch.append((key, files, scene))
-                if len(batch) == self.config.batch_size:
-                    add(batch)
-                    batch = []
-                    flush(writer, force=False)
+            for shard, scenes_path in zip(shards, scene_paths):
+                scenes = dict(iter_tar(scenes_path)) if scenes_path else {}
+                for key, files in iter_tar(shard):
+                    if "txt" not in files:
+                        raise ValueError(f"{shard}: sample {key!r} has no caption (txt member)")
+                    scene = scenes.get(key)
+                    stats["missing_scene"] += scene is None and "seg" in self.models
+                    batch.append((key, files, scene))
+                    if len(batch) == self.config.batch_size:
+                        add(batch)
+                        batch = []
+                        flush(writer, force=False)
             if batch:
                 add(batch)
             flush(writer, force=True)
@@ -159,9 +167,11 @@ class ShardEncoder:
                 "counts": json.dumps({k: v.tolist() for k, v in hist.items()})}
 
     def __call__(self, batch: dict) -> dict:
-        """Ray Data: one row per shard in, one row of statistics per shard out."""
-        results = [self.encode_shard(Path(shard), Path(scenes) if scenes else None, split)
-                   for shard, scenes, split in zip(batch["shard"], batch["scenes"], batch["split"])]
+        """Ray Data: one row per group of shards in, one row of statistics per group out."""
+        results = [self.encode_group([Path(p) for p in json.loads(shards)],
+                                     [Path(p) if p else None for p in json.loads(scenes)], split, int(index))
+                   for shards, scenes, split, index in zip(batch["shards"], batch["scenes"], batch["split"],
+                                                           batch["index"])]
         return {k: [r[k] for r in results] for k in results[0]}
 
 
@@ -176,14 +186,26 @@ def _code_stats(counts: np.ndarray) -> dict[str, float]:
             "top_code_share": round(float(counts.max() / total), 4)}
 
 
-def _geometry(inputs: dict[str, Artifact]) -> dict[str, dict]:
+def _geometry(inputs: dict[str, Artifact], scene: bool) -> dict[str, dict]:
     geometry = {}
-    for column, kind in zip(TOKEN_COLUMNS, ("vqgan-low", "vqgan-high", "vqseg")):
+    for column, kind in zip(TOKEN_COLUMNS, ("vqgan-low", "vqgan-high", "vqseg")[:3 if scene else 2]):
         model = VQModelConfig(**json.loads((inputs[kind].path / "config.json").read_text())["model"])
         geometry[column] = {"side": model.token_side, "codebook_size": model.codebook_size,
                             "resolution": model.resolution, "tokenizer": f"{kind}:{inputs[kind].version}",
                             "fsq_levels": list(model.fsq_levels) if model.quantizer == "fsq" else []}
     return geometry
+
+
+def shard_groups(paths: list[Path], row_group_size: int) -> list[list[Path]]:
+    """Consecutive shards, grouped so a group's rows (by the shard stats' counts) reach `row_group_size`."""
+    groups, rows = [[]], 0
+    for path in paths:
+        if rows >= row_group_size:
+            groups.append([])
+            rows = 0
+        groups[-1].append(path)
+        rows += json.loads(path.with_suffix(".stats.json").read_text())["count"]
+    return [g for g in groups if g]
 
 
 def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
@@ -192,19 +214,21 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
 
     c = config.tokenize
     shards, segments = inputs["shards"], inputs["segments"]
-    geometry = _geometry(inputs)
+    scene = scene_maps_of(segments)
+    geometry = _geometry(inputs, scene.present)
     text = None
     if c.precompute_text:  # load once here: fails fast (weights missing) before Ray starts, and gives the width
         encoder = load_text_encoder(c.text_encoder)
         text = {"encoder": c.text_encoder.model_dump(mode="json"), "dim": encoder.dim,
                 "max_length": encoder.max_length}
         del encoder
-    space = json.loads((inputs["vqseg"].path / "config.json").read_text())["label_space"]
+    space = segments.manifest.details["label_space"]
     items = []
     for split in SPLITS:
-        for path in shard_files(shards.path, split):
-            sidecar = segments.path / split / path.name
-            items.append({"shard": str(path), "scenes": str(sidecar) if sidecar.exists() else "", "split": split})
+        for index, group in enumerate(shard_groups(shard_files(shards.path, split), c.row_group_size)):
+            sidecars = [segments.path / split / path.name for path in group]
+            items.append({"shards": json.dumps([str(p) for p in group]), "split": split, "index": index,
+                          "scenes": json.dumps([str(p) if p.exists() else "" for p in sidecars])})
     if not items:
         raise ValueError(f"shards artifact {shards.version} has no tar files")
     init_ray(config.ray)
@@ -213,8 +237,9 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     start = time.perf_counter()
     with store.create("tokens", stage=NAME, config=config_of(config), inputs=versions,
                       code_version=CODE_VERSION) as out:
-        models = {"low": str(inputs["vqgan-low"].path), "high": str(inputs["vqgan-high"].path),
-                  "seg": str(inputs["vqseg"].path)}
+        models = {"low": str(inputs["vqgan-low"].path), "high": str(inputs["vqgan-high"].path)}
+        if scene.present:
+            models["seg"] = str(inputs["vqseg"].path)
         ds = ray.data.from_items(items).map_batches(
             ShardEncoder, batch_size=1, concurrency=c.concurrency, num_gpus=gpus, num_cpus=c.cpus_per_actor,
             fn_constructor_kwargs={"models": models, "config": c, "num_labels": len(space),
@@ -222,7 +247,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
                                    "device": "cuda" if gpus > 0 else "cpu"})
         rows = {split: 0 for split in SPLITS}
         missing = 0
-        counts = {n: np.zeros(geometry[n]["codebook_size"], np.int64) for n in TOKEN_COLUMNS}
+        counts = {n: np.zeros(geometry[n]["codebook_size"], np.int64) for n in TOKEN_COLUMNS if n in geometry}
         done = 0
         for result in ds.iter_rows():
             rows[result["split"]] += result["rows"]
@@ -231,7 +256,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
                 counts[name] += np.asarray(values, np.int64)
             done += 1
             elapsed = time.perf_counter() - start
-            log.info("tokenize: %d/%d shards, %d rows, %.1f samples/s", done, len(items), sum(rows.values()),
+            log.info("tokenize: %d/%d files, %d rows, %.1f samples/s", done, len(items), sum(rows.values()),
                      sum(rows.values()) / elapsed)
         elapsed = time.perf_counter() - start
         total = sum(rows.values())
@@ -240,12 +265,13 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
             {"columns": {f.name: str(f.type) for f in sch}, "geometry": geometry, "text": text,
              "label_space": space, "row_group_size": c.row_group_size}, indent=2))
         size = sum(p.stat().st_size for p in out.path.rglob("*.parquet"))
-        usage = {name: _code_stats(counts[name]) for name in TOKEN_COLUMNS}
+        usage = {name: _code_stats(counts[name]) for name in counts}
         out.metrics = {"rows": total, **{f"rows_{s}": n for s, n in rows.items()}, "missing_scene": missing,
                        "samples_per_s": round(total / elapsed, 1),
                        "tokens_per_s": round(total * sum(g["side"] ** 2 for g in geometry.values()) / elapsed, 1),
                        "bytes": size, **{f"{n}_{k}": v for n, u in usage.items() for k, v in u.items()}}
         out.details = {"geometry": geometry, "text": text, "schema": {f.name: str(f.type) for f in sch},
+                       "scene_maps": scene.present, "scene_plan": scene.plan,
                        "tables": {"codebooks": [{"column": n, **u} for n, u in usage.items()]}}
     log.info("tokenize: %d rows in %.1fs (%d without a scene map)", total, elapsed, missing)
     return out.artifact

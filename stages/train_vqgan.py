@@ -10,7 +10,8 @@ committed as its own artifact as soon as it is done (a later failure keeps it):
 
 Image tokenizers: L1 (+ L2) + LPIPS (with VGG weights) + codebook/commitment loss, and a
 PatchGAN hinge loss with taming's adaptive weight from `disc_start`. The scene tokenizer:
-cross-entropy over labels (face parts weighted up) + BCE on edges, no GAN.
+cross-entropy over labels (face parts weighted up) + BCE on edges, no GAN. When `segments`
+recorded no scene maps, `vqseg` records that too and holds no model.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
 from muse.config import PipelineConfig, TrainConfig, VQLossConfig, VQModelConfig
 from muse.datasets.decode import image_decoder, scene_decoder
 from muse.datasets.labels import build_label_space, palette
+from muse.datasets.segments import details as scene_details
+from muse.datasets.segments import scene_maps_of
 from muse.datasets.stream import batches, iter_tar, sample_stream
 from muse.models.vqgan import PatchDiscriminator, VQModel, adaptive_weight, hinge_d_loss, save_pretrained
 from muse.training import TrainLoop, seed_everything
@@ -244,8 +247,15 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
                               image_decoder(model_cfg.resolution), store.work_dir(kind, version), device, False,
                               store, create_kwargs, 3, {"input": "rgb in [-1, 1]"}))
 
+    scene = scene_maps_of(segments)
     if store.has("vqseg", version):
         out.append(store.get("vqseg", version))
+    elif not scene.present:
+        with store.create("vqseg", **create_kwargs) as art:
+            art.metrics = {"steps": 0, "scene_maps": 0}
+            art.details = scene_details(scene)
+        log.info("vqseg: not trained: %s has no scene maps (%s)", segments.ref, scene.plan)
+        out.append(art.artifact)
     else:
         space = build_label_space(config.segment.dataset_classes)
         channels = space.size + 1

@@ -10,15 +10,15 @@ from PIL import Image
 
 from muse.config import FaceSegmenterConfig, HumanSegmenterConfig, PanopticSegmenterConfig
 from muse.datasets.demo import panoptic_ids, write_folder
-from muse.datasets.labels import build_label_space
+from muse.datasets.labels import COCO_STUFF, COCO_THINGS, build_label_space
 from muse.datasets.shards import read_samples, shard_files
 from muse.stages import segment, shard
 from muse.stages.segment.merge import SegmentMaps, boundaries, merge
 from muse.stages.segment.segmenters import (
     FaceSegmenter,
     HumanSegmenter,
+    Detectron2Panoptic,
     MissingExtra,
-    PanopticSegmenter,
     SceneInput,
     panoptic_to_maps,
     rasterize_face_parts,
@@ -99,16 +99,22 @@ def test_detectron2_adapter_converts_both_id_schemes():
 
 def test_missing_extras_name_what_to_install():
     with pytest.raises(MissingExtra, match=r"detectron2.*muse-pipeline\[detectron2\]"):
-        PanopticSegmenter(PanopticSegmenterConfig(), SPACE, "cpu")
+        Detectron2Panoptic(PanopticSegmenterConfig(backend="detectron2"), SPACE, "cpu")
     with pytest.raises(MissingExtra, match=r"face-alignment.*muse-pipeline\[face\]"):
         FaceSegmenter(FaceSegmenterConfig(), SPACE, "cpu")
     with pytest.raises(ValueError, match="segment.human.weights"):
         HumanSegmenter(HumanSegmenterConfig(), SPACE, "cpu")
-    # The stage checks before starting Ray, without loading any model.
+    # A run checks before any stage, without loading any model.
     from muse.config import load_config
 
     with pytest.raises(MissingExtra, match="detectron2"):
-        segment._check_segmenters(load_config("tiny", overrides=["segment.segmenters=[panoptic]"]).segment)
+        segment.preflight(load_config("tiny", overrides=["segment.segmenters=[panoptic]",
+                                                         "segment.panoptic.backend=detectron2"]))
+    with pytest.raises(MissingExtra, match="segment.human.weights"):
+        segment.preflight(load_config("tiny", overrides=["segment.segmenters=[masks, human]"]))
+    with pytest.raises(MissingExtra, match="'/nope.pth': no such file"):
+        segment.preflight(load_config("tiny", overrides=["segment.segmenters=[masks, human]",
+                                                         "segment.human.weights=/nope.pth"]))
 
 
 def test_human_parser_runs_on_random_weights():
@@ -245,3 +251,80 @@ def test_killed_worker_leaves_no_duplicate_or_missing_keys(ray_local, store, sma
         keys = [x["__key__"] for x in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
         assert len(keys) == len(set(keys))
         assert set(keys) == {s["key"] for s in read_samples(shards.path, split)}
+
+
+# ----------------------------------------------------------------------------- the transformers panoptic backend
+
+
+def _tiny_mask2former(path, names, label=None):
+    """A randomly initialised Mask2Former of the COCO-panoptic checkpoints' class, saved like one; with `label`,
+    every query predicts that class."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+
+    torch.manual_seed(0)
+    backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=64,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,
+                               encoder_feedforward_dim=64, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                               dim_feedforward=64, num_queries=6, id2label=dict(enumerate(names)))
+    model = Mask2FormerForUniversalSegmentation(config).eval()
+    if label is not None:
+        with torch.no_grad():
+            model.class_predictor.weight.zero_()
+            model.class_predictor.bias.fill_(-10.0)
+            model.class_predictor.bias[label] = 10.0
+    model.save_pretrained(path)
+    Mask2FormerImageProcessor(size={"height": 64, "width": 64}, size_divisor=32).save_pretrained(path)
+    return path
+
+
+COCO_NAMES = [*COCO_THINGS, *COCO_STUFF]
+
+
+def test_hub_panoptic_output_maps_to_the_label_space():
+    from muse.stages.segment.segmenters import hub_maps, label_of_class
+
+    labels = label_of_class(SPACE, dict(enumerate(COCO_NAMES)))
+    sky = COCO_NAMES.index("sky-other-merged")
+    seg = torch.tensor([[0, 1, 1], [2, 2, -1]])  # 0 and -1: no segment
+    maps = hub_maps(seg, [{"id": 1, "label_id": 0}, {"id": 2, "label_id": sky}], labels)
+    assert maps.labels.tolist() == [[0, SPACE.person, SPACE.person], [SPACE.by_name("sky-other-merged")] * 2 + [0]]
+    assert maps.instances.tolist() == [[0, 1, 1], [2, 2, 0]]
+    # Unnamed classes of a 133-class model count contiguously: things, then stuff; anything else is refused.
+    assert label_of_class(SPACE, {i: f"LABEL_{i}" for i in range(133)}) == labels
+    with pytest.raises(ValueError, match="not COCO panoptic's"):
+        label_of_class(SPACE, {0: "cat", 1: "LABEL_1"})
+
+
+@pytest.mark.parametrize("name,group", [("person", "thing"), ("sky-other-merged", "stuff")])
+def test_mask2former_segments_images_into_label_space_maps(tmp_path, name, group):
+    from muse.stages.segment.segmenters import panoptic_segmenter
+
+    path = _tiny_mask2former(tmp_path / "m2f", COCO_NAMES, label=COCO_NAMES.index(name))
+    seg = panoptic_segmenter(PanopticSegmenterConfig(model=str(path), threshold=0.5), SPACE, "cpu")
+    rgb = np.random.default_rng(0).integers(0, 255, (48, 56, 3), dtype=np.uint8)
+    maps = seg([SceneInput("a", rgb, {}, None), SceneInput("b", rgb[::-1].copy(), {}, None)])
+    assert len(maps) == 2 and maps[0].labels.shape == (48, 56)
+    for m in maps:
+        painted = m.labels > 0
+        assert painted.mean() > 0.5 and set(np.unique(m.labels[painted])) == {SPACE.by_name(name)}
+        assert (m.instances[painted] > 0).all() and (m.instances[~painted] == 0).all()
+        if group == "stuff":  # stuff is one region per class (fused), as detectron2 gives it
+            assert len(np.unique(m.instances[painted])) == 1
+
+
+def test_segmenters_auto_picks_masks_then_local_models_then_none(tmp_path, monkeypatch):
+    from muse.config import SegmentConfig
+    from muse.stages.segment.segmenters import plan
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
+    c = SegmentConfig()
+    assert c.segmenters == "auto"
+    assert plan(c, masks_shipped=True).segmenters == ("masks",)
+    none = plan(c, masks_shipped=False)
+    assert none.segmenters == () and not none.scene_maps and "neither a local directory nor in the Hugging Face cache" \
+        in none.reason
+    local = SegmentConfig(panoptic={"model": str(_tiny_mask2former(tmp_path / "m2f", COCO_NAMES))})
+    assert plan(local, masks_shipped=False).segmenters == ("panoptic",)
+    assert plan(SegmentConfig(segmenters="none"), masks_shipped=True).segmenters == ()
+    assert plan(SegmentConfig(segmenters=["masks"]), masks_shipped=False).segmenters == ("masks",)

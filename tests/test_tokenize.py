@@ -22,10 +22,10 @@ def test_parquet_follows_the_documented_schema(pipeline_store):
     cfg, store, arts = pipeline_store
     tokens = arts["tokens"]
     files = sorted(tokens.path.rglob("*.parquet"))
-    # One parquet file per input shard, same names.
-    shards = [p for split in ("train", "val") for p in shard_files(arts["shards"].path, split)]
-    assert sorted(f.relative_to(tokens.path).with_suffix("") for f in files) == \
-        sorted(p.relative_to(arts["shards"].path).with_suffix("") for p in shards)
+    # Shards hold more rows than a row group here: one parquet file per shard, named by split, side by side.
+    shards = {split: shard_files(arts["shards"].path, split) for split in ("train", "val")}
+    assert [f.relative_to(tokens.path).as_posix() for f in files] == \
+        sorted(f"{split}-{i:05d}.parquet" for split, paths in shards.items() for i in range(len(paths)))
     table = pq.read_table(files[0])  # plain pyarrow, no muse code
     types = {f.name: f.type for f in table.schema}
     assert types["key"] == types["caption"] == types["split"] == pa.string()
@@ -37,11 +37,51 @@ def test_parquet_follows_the_documented_schema(pipeline_store):
     assert pq.ParquetFile(files[0]).metadata.row_group(0).num_rows == 4  # row_group_size
     info = json.loads((tokens.path / "_schema.json").read_text())
     assert info["geometry"]["tokens_high"]["side"] == 4 and info["text"]["dim"] == 384
+    assert json.loads(table.schema.metadata[b"muse"]) == {"geometry": info["geometry"], "text": info["text"]}
     m = tokens.manifest.metrics
     assert m["rows"] == arts["shards"].manifest.metrics["written"] and m["missing_scene"] == 0
     for column, kind in (("tokens_low", "vqgan-low"), ("tokens_high", "vqgan-high"), ("seg_tokens", "vqseg")):
         values = np.concatenate(pq.read_table(files[0], columns=[column]).column(column).to_numpy(zero_copy_only=False))
         assert values.max() < from_pretrained(arts[kind].path).cfg.codebook_size
+
+
+def test_the_artifact_folder_reads_as_one_dataset_in_common_readers(pipeline_store):
+    """pyarrow, pandas, duckdb and Hugging Face datasets read the artifact folder itself, manifest beside the data."""
+    import subprocess
+    import sys
+
+    import duckdb
+
+    _, _, arts = pipeline_store
+    tokens = arts["tokens"]
+    rows = tokens.manifest.metrics["rows"]
+    assert pq.read_table(tokens.path).num_rows == rows
+    import pandas as pd
+
+    frame = pd.read_parquet(tokens.path, columns=["key", "split"])
+    assert len(frame) == rows and set(frame["split"]) == {"train", "val"}
+    count = duckdb.sql(f"select count(*) from read_parquet('{tokens.path}/*.parquet')").fetchall()[0][0]
+    assert count == rows
+    # In a fresh process outside the checkout, whose `datasets/` folder would shadow Hugging Face's package.
+    script = ("import datasets, json, sys; ds = datasets.load_dataset('parquet', data_dir=sys.argv[1], "
+              "columns=['split']); print(json.dumps({k: sorted(set(v['split'])) + [v.num_rows] for k, v in ds.items()}))")
+    out = subprocess.run([sys.executable, "-c", script, str(tokens.path)], cwd=tokens.path.parent, check=True,
+                         capture_output=True, text=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == {"train": ["train", tokens.manifest.metrics["rows_train"]],
+                                                        "validation": ["val", tokens.manifest.metrics["rows_val"]]}
+
+
+def test_row_groups_span_shards_to_reach_row_group_size(pipeline_store, store):
+    cfg, _, arts = pipeline_store
+    shards = shard_files(arts["shards"].path, "train")
+    counts = [json.loads(p.with_suffix(".stats.json").read_text())["count"] for p in shards]
+    size = counts[0] + 1  # more rows than the first shard holds
+    cfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"row_group_size": size})})
+    out = tokenize.run(cfg, {k: arts[k] for k in tokenize.INPUTS}, store)
+    meta = pq.ParquetFile(out.path / "train-00000.parquet").metadata
+    assert meta.row_group(0).num_rows == size
+    assert [r["key"] for r in TokenTable(out.path, "train", ["key"])] == \
+        [r["key"] for r in TokenTable(arts["tokens"].path, "train", ["key"])]  # same rows, same order
 
 
 def test_tokens_decode_like_the_encoders_codes(pipeline_store):
@@ -133,7 +173,7 @@ def test_geometry_names_the_fsq_levels_a_super_res_embeds(tmp_path):
     for kind, cfg in configs.items():
         save_pretrained(VQModel(cfg), tmp_path / kind, 3, 3)
         inputs[kind] = SimpleNamespace(path=tmp_path / kind, version="v")
-    geometry = tokenize._geometry(inputs)
+    geometry = tokenize._geometry(inputs, scene=True)
     assert geometry["tokens_low"] == {"side": 8, "codebook_size": 120, "resolution": 32, "tokenizer": "vqgan-low:v",
                                       "fsq_levels": [8, 5, 3]}
     assert geometry["tokens_high"]["fsq_levels"] == [] and geometry["seg_tokens"]["fsq_levels"] == []

@@ -1,5 +1,9 @@
 """Stage `segment`: Make-A-Scene scene maps for every sample of `shards`, through Ray Data.
 
+Which segmenters run is decided first (`segmenters.plan`): the configured list, or under
+`auto` the source's own masks, else the model segmenters that can run here, else none. With
+none the artifact records "no scene maps" and why, and holds no tars.
+
 Pipeline per split: read the shard tars (Ray Data's webdataset reader) -> one actor
 pool per configured segmenter (models load once per actor; GPUs when the cluster
 has them) -> merge into one label per pixel + an edge map -> the driver writes
@@ -25,26 +29,52 @@ import webdataset as wds
 from PIL import Image
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
-from muse.config import PipelineConfig, SegmentConfig
+from muse.config import ConfigError, PipelineConfig, SegmentConfig
 from muse.datasets.labels import LabelSpace, build_label_space, palette
+from muse.datasets.segments import SceneMaps, details
 from muse.datasets.shards import SPLITS, read_samples, shard_files
 from muse.ray_runtime import gpus_per_actor, init_ray
 
 from .merge import SegmentMaps, merge
-from .segmenters import ROLES, SceneInput, build_segmenter, require_extra
+from .segmenters import ROLES, SceneInput, SegmentPlan, available_models, build_segmenter, check, plan
 
 NAME = "segment"
 INPUTS: tuple[str, ...] = ("shards",)
 OUTPUTS: tuple[str, ...] = ("segments",)
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: segmenters auto/none, a recorded plan
 MAX_LISTED_FAILURES = 50
 
 log = logging.getLogger("muse.stages.segment")
 
 
 def config_of(config: PipelineConfig) -> dict:
-    """Segmenters, label space and weights; not batch size, concurrency or GPUs (outputs do not depend on them)."""
-    return config.segment.model_dump(mode="json", exclude={"batch_size", "concurrency", "num_gpus"})
+    """Segmenters, label space and weights, and under `auto` the models that can run here (installing weights
+    changes what auto does); not batch size, concurrency or GPUs (outputs do not depend on them)."""
+    c = config.segment
+    auto = available_models(c)[0] if c.segmenters == "auto" else None
+    return c.model_dump(mode="json", exclude={"batch_size", "concurrency", "num_gpus"}) | {"auto_models": auto}
+
+
+def _scene_conditioned(config: PipelineConfig) -> list[str]:
+    return [k for k, on in (("train_base.scene_conditioning", config.train_base.scene_conditioning),
+                            ("train_superres.scene_conditioning", config.train_superres.scene_conditioning)) if on]
+
+
+def preflight(config: PipelineConfig) -> str:
+    """Checked at the start of a run, before any stage: explicitly listed segmenters can be built here, and scene
+    conditioning is not asked of a run without scene maps. Returns what segmenting will do, for the log."""
+    c = config.segment
+    check(c)
+    wanted = _scene_conditioned(config)
+    if c.segmenters == "none" and wanted:
+        raise ConfigError(f"{wanted[0]} needs scene maps, but segment.segmenters is none")
+    if c.segmenters == "none":
+        return "segment: no scene maps (segment.segmenters is none)"
+    if c.segmenters != "auto":
+        return f"segment: {', '.join(c.segmenters)}"
+    models, why_not = available_models(c)
+    fallback = ", ".join(models) if models else f"no scene maps ({why_not})"
+    return f"segment: auto: the source's masks where it ships them, else {fallback}"
 
 
 # ----------------------------------------------------------------------------- encoding helpers
@@ -169,7 +199,16 @@ def _shard_keys(path: Path) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def _segment_split(config: PipelineConfig, paths: list[Path]):
+def _masks_shipped(paths: list[Path]) -> bool:
+    """Whether any sample of these tars carries a COCO-panoptic mask (reads tar headers only)."""
+    for path in paths:
+        with tarfile.open(path) as tf:
+            if any(m.name.endswith(".panoptic.png") for m in tf):
+                return True
+    return False
+
+
+def _segment_split(config: PipelineConfig, names: tuple[str, ...], paths: list[Path]):
     """Rows {key, path, error, seg, edge, class_pixels} for every sample of these shards, streamed."""
     import ray
 
@@ -178,7 +217,7 @@ def _segment_split(config: PipelineConfig, paths: list[Path]):
     ctx.execution_options.preserve_order = True
     ds = ray.data.read_webdataset([str(p) for p in paths], decoder=lambda sample: sample, include_paths=True)
     ds = ds.map_batches(prepare, batch_size=c.batch_size, batch_format="numpy")
-    for name in c.segmenters:
+    for name in names:
         # Reading masks is light: half a CPU, so a 2-core machine keeps a CPU for reading and merging.
         gpus, cpus = (0.0, 0.5) if name == "masks" else (gpus_per_actor(c.num_gpus), 1.0)
         ds = ds.map_batches(
@@ -186,7 +225,7 @@ def _segment_split(config: PipelineConfig, paths: list[Path]):
             fn_constructor_kwargs={"name": name, "config": c, "device": "cuda" if gpus > 0 else "cpu"},
             batch_size=c.batch_size, batch_format="numpy", concurrency=c.concurrency, num_gpus=gpus, num_cpus=cpus,
         )
-    ds = ds.map_batches(finish, fn_kwargs={"names": list(c.segmenters), "dataset_classes": list(c.dataset_classes)},
+    ds = ds.map_batches(finish, fn_kwargs={"names": list(names), "dataset_classes": list(c.dataset_classes)},
                         batch_size=c.batch_size, batch_format="numpy")
     return ds.iter_rows()
 
@@ -209,12 +248,16 @@ def _preview(shards: Artifact, maps: dict[str, tuple[bytes, bytes]], space: Labe
         Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
 
 
-def _check_segmenters(c: SegmentConfig) -> None:
-    """Fail before Ray starts when a segmenter cannot be built (missing extra or weights); loads no model."""
-    for name in c.segmenters:
-        require_extra(name)
-        if name == "human" and c.human.weights is None and not c.human.allow_random_weights:
-            raise ValueError("segmenter 'human' needs segment.human.weights (an SCHP LIP checkpoint path)")
+def _record_no_scene_maps(config: PipelineConfig, shards: Artifact, store: ArtifactStore, p: SegmentPlan,
+                          space: LabelSpace) -> Artifact:
+    """The `segments` artifact of a run without scene maps: no tars, the reason in the manifest."""
+    samples = sum(len(_shard_keys(path)) for split in SPLITS for path in shard_files(shards.path, split))
+    with store.create("segments", stage=NAME, config=config_of(config), inputs={"shards": shards.version},
+                      code_version=CODE_VERSION) as out:
+        out.metrics = {"samples": samples, "segmented": 0, "failed": 0, "scene_maps": 0}
+        out.details = {**details(SceneMaps(False, (), p.reason)), "label_space": space.to_json()}
+    log.warning("segment: no scene maps (%s): the scene tokenizer and seg_tokens are skipped", p.reason)
+    return out.artifact
 
 
 def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
@@ -222,7 +265,14 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     c = config.segment
     shards = inputs["shards"]
     space = build_label_space(c.dataset_classes)
-    _check_segmenters(c)
+    check(c)
+    p = plan(c, _masks_shipped([path for split in SPLITS for path in shard_files(shards.path, split)]))
+    log.info("segment: %s: %s", p.reason, ", ".join(p.segmenters) or "no scene maps")
+    if not p.scene_maps:
+        wanted = _scene_conditioned(config)
+        if wanted:
+            raise ConfigError(f"{wanted[0]} needs scene maps, but this run has none ({p.reason})")
+        return _record_no_scene_maps(config, shards, store, p, space)
     init_ray(config.ray)
     start = time.perf_counter()
     class_pixels = np.zeros(space.size, np.int64)
@@ -241,7 +291,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
             written: dict[str, set[str]] = {name: set() for name in expected}
             failed: dict[str, set[str]] = {name: set() for name in expected}
             try:
-                for row in _segment_split(config, paths):
+                for row in _segment_split(config, p.segmenters, paths):
                     shard, key = row["path"], row["key"]
                     if key in written[shard] or key in failed[shard]:
                         counts["duplicates_dropped"] += 1  # a retried task delivered it again
@@ -283,12 +333,12 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
         (out.path / "class_pixels.json").write_text(json.dumps(present, indent=1))
         out.metrics = {
             "samples": counts["samples"], "segmented": counts["segmented"], "failed": counts["failed"],
-            "failed_fraction": round(fraction, 4), "classes_present": len(present),
+            "failed_fraction": round(fraction, 4), "scene_maps": 1, "classes_present": len(present),
             "void_fraction": round(int(class_pixels[0]) / max(total, 1), 4),
             "images_per_s": round(counts["samples"] / elapsed, 1),
         }
         out.details = {
-            "segmenters": list(c.segmenters), "label_space": space.to_json(), "failures": failures,
+            **details(SceneMaps(True, p.segmenters, p.reason)), "label_space": space.to_json(), "failures": failures,
             "duplicates_dropped": counts["duplicates_dropped"],
             "tables": {"classes": [
                 {"label": space.names[i], "group": space.groups[i], "pixels": int(n), "fraction": round(float(n) / total, 4)}

@@ -1,9 +1,10 @@
 """Segmenters: a batch of images -> per-image label maps (in the shared label space) and instance maps.
 
 Each segmenter has a role in the merge: `base` (panoptic, or a dataset's ground-truth masks),
-`human` (parts over people) or `face` (parts over faces). Model weights are paths or URLs in
+`human` (parts over people) or `face` (parts over faces). Model weights are paths or hub ids in
 config; optional packages (detectron2, face-alignment) are imported when the segmenter is
-built and their absence is an error naming the extra to install.
+built and their absence is an error naming the extra to install. `plan` turns the configured
+`segmenters` (a list, `auto` or `none`) into the ones a run uses, and says why.
 """
 
 from __future__ import annotations
@@ -16,9 +17,16 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageDraw
 
-from muse.config import FaceSegmenterConfig, HumanSegmenterConfig, MasksSegmenterConfig, PanopticSegmenterConfig
+from muse.config import (
+    ConfigError,
+    FaceSegmenterConfig,
+    HumanSegmenterConfig,
+    MasksSegmenterConfig,
+    PanopticSegmenterConfig,
+    SegmentConfig,
+)
 from muse.datasets.demo import panoptic_ids
-from muse.datasets.labels import COCO_THINGS, LIP_CLASSES, LabelSpace
+from muse.datasets.labels import COCO_STUFF, COCO_THINGS, LIP_CLASSES, LabelSpace
 
 from .merge import SegmentMaps
 
@@ -29,8 +37,8 @@ class SegmentError(ValueError):
     """This sample cannot be segmented; the message is the reason recorded for it."""
 
 
-class MissingExtra(ImportError):
-    """An optional dependency of a segmenter is not installed."""
+class MissingExtra(ConfigError):
+    """An optional dependency or the weights of a segmenter are not on this machine; the message says what to do."""
 
 
 @dataclass
@@ -49,19 +57,19 @@ class Segmenter(Protocol):
     def __call__(self, batch: list[SceneInput]) -> list[SegmentMaps]: ...
 
 
-def require_extra(name: str) -> None:
+def require_extra(name: str, panoptic_backend: str = "transformers") -> None:
     """Import the optional package segmenter `name` needs; MissingExtra naming the extra when absent."""
     try:
-        if name == "panoptic":
+        if name == "panoptic" and panoptic_backend == "detectron2":
             import detectron2  # noqa: F401
         elif name == "face":
             import face_alignment  # noqa: F401
     except ImportError:
         if name == "panoptic":
             raise MissingExtra(
-                "segmenter 'panoptic' needs detectron2, which is not installed. It is not on PyPI: "
-                "pip install 'muse-pipeline[detectron2]' (builds it from GitHub; needs a compiler and torch), "
-                "see README 'Scene segmenters'"
+                "segmenter 'panoptic' with segment.panoptic.backend detectron2 needs detectron2, which is not "
+                "installed. It is not on PyPI: pip install 'muse-pipeline[detectron2]' (builds it from GitHub; "
+                "needs a compiler and torch), or use segment.panoptic.backend: transformers"
             ) from None
         raise MissingExtra(
             "segmenter 'face' needs face-alignment, which is not installed: pip install 'muse-pipeline[face]'"
@@ -131,13 +139,13 @@ def panoptic_to_maps(panoptic_seg, segments_info: list[dict], space: LabelSpace,
     return SegmentMaps(labels, instances)
 
 
-class PanopticSegmenter:
+class Detectron2Panoptic:
     """detectron2 panoptic model (Panoptic FPN by default), one image at a time through DefaultPredictor."""
 
     role = "base"
 
     def __init__(self, config: PanopticSegmenterConfig, space: LabelSpace, device: str):
-        require_extra("panoptic")
+        require_extra("panoptic", "detectron2")
         from detectron2 import model_zoo
         from detectron2.config import get_cfg
         from detectron2.engine import DefaultPredictor
@@ -155,6 +163,76 @@ class PanopticSegmenter:
             seg, infos = self.predictor(np.ascontiguousarray(x.rgb[:, :, ::-1]))["panoptic_seg"]  # BGR in
             out.append(panoptic_to_maps(seg, infos, self.space, self.id_scheme))
         return out
+
+
+def label_of_class(space: LabelSpace, id2label: dict[int, str]) -> dict[int, int]:
+    """A COCO-panoptic model's class ids -> label-space ids, by class name (the checkpoints name the 133
+    COCO-panoptic classes as detectron2 does); models whose names are not COCO's but count 133 classes are
+    taken as contiguous (80 things, then 53 stuff)."""
+    try:
+        return {int(i): space.by_name(name) for i, name in id2label.items()}
+    except KeyError as e:
+        if len(id2label) != len(COCO_THINGS) + len(COCO_STUFF):
+            raise ConfigError(f"segment.panoptic.model: its classes are not COCO panoptic's ({e.args[0]})") from None
+        n = len(COCO_THINGS)
+        return {int(i): space.thing(int(i)) if int(i) < n else space.stuff(int(i) - n) for i in id2label}
+
+
+def hub_maps(segmentation, segments_info: list[dict], labels: dict[int, int]) -> SegmentMaps:
+    """transformers' `post_process_panoptic_segmentation` result ([H, W] segment ids, 0 or -1 = none, and
+    segments_info with `id` and `label_id`) -> label-space maps."""
+    ids = np.asarray(segmentation.cpu() if hasattr(segmentation, "cpu") else segmentation).astype(np.int32)
+    out = np.zeros(ids.shape, np.uint16)
+    instances = np.zeros(ids.shape, np.int32)
+    for info in segments_info:
+        mask = ids == int(info["id"])
+        out[mask] = labels[int(info["label_id"])]
+        instances[mask] = int(info["id"])
+    return SegmentMaps(out, instances)
+
+
+class HubPanoptic:
+    """A Hugging Face transformers COCO-panoptic model (Mask2Former, MaskFormer), batched."""
+
+    role = "base"
+
+    def __init__(self, config: PanopticSegmenterConfig, space: LabelSpace, device: str):
+        import torch
+        from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation
+
+        self.torch, self.device, self.threshold = torch, device, config.threshold
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(config.model)
+            self.model = AutoModelForUniversalSegmentation.from_pretrained(config.model).to(device).eval()
+        except OSError as e:
+            raise MissingExtra(f"segment.panoptic.model {config.model!r}: cannot load it ({_first_line(e)}); "
+                               "set it to a local checkpoint directory or a reachable hub id") from None
+        if self.model.config.model_type not in ("mask2former", "maskformer"):
+            raise ConfigError(f"segment.panoptic.model {config.model!r} is a {self.model.config.model_type} model; "
+                              "the transformers backend runs Mask2Former and MaskFormer checkpoints")
+        self.labels = label_of_class(space, self.model.config.id2label)
+        groups = space.groups
+        self.stuff = {i for i, label in self.labels.items() if groups[label] == "stuff"}  # merged per class
+
+    def __call__(self, batch: list[SceneInput]) -> list[SegmentMaps]:
+        inputs = self.processor(images=[x.rgb for x in batch], return_tensors="pt").to(self.device)
+        with self.torch.no_grad():
+            outputs = self.model(**inputs)
+        results = self.processor.post_process_panoptic_segmentation(
+            outputs, threshold=self.threshold, label_ids_to_fuse=self.stuff,
+            target_sizes=[x.rgb.shape[:2] for x in batch])
+        return [hub_maps(r["segmentation"], r["segments_info"], self.labels) for r in results]
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def panoptic_segmenter(config: PanopticSegmenterConfig, space: LabelSpace, device: str) -> Segmenter:
+    """The configured panoptic backend."""
+    if config.backend == "detectron2":
+        return Detectron2Panoptic(config, space, device)
+    return HubPanoptic(config, space, device)
 
 
 # ----------------------------------------------------------------------------- human parts
@@ -243,12 +321,104 @@ class FaceSegmenter:
         return out
 
 
+# ----------------------------------------------------------------------------- which segmenters a run uses
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """The segmenters a run uses (empty: no scene maps) and why, in a line for the log and the manifest."""
+
+    segmenters: tuple[str, ...]
+    reason: str
+
+    @property
+    def scene_maps(self) -> bool:
+        return bool(self.segmenters)
+
+
+def _hub_weights_local(model: str) -> bool:
+    """A checkpoint directory, or a hub id whose weights are already in the local Hugging Face cache."""
+    if Path(model).is_dir():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return any(isinstance(try_to_load_from_cache(model, name), str)
+               for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+
+
+def _panoptic_local(c: PanopticSegmenterConfig) -> str | None:
+    """None when the panoptic segmenter can run here without fetching anything, else why not."""
+    if c.backend == "detectron2":
+        try:
+            require_extra("panoptic", "detectron2")
+        except MissingExtra:
+            return "detectron2 is not installed"
+        return None if c.weights and Path(c.weights).is_file() else "segment.panoptic.weights is not a local file"
+    if _hub_weights_local(c.model):
+        return None
+    return f"segment.panoptic.model {c.model!r} is neither a local directory nor in the Hugging Face cache"
+
+
+def available_models(c: SegmentConfig) -> tuple[list[str], str]:
+    """The model segmenters `auto` runs on this machine (nothing is downloaded for it), and why not when none."""
+    why_not = _panoptic_local(c.panoptic)
+    if why_not:
+        return [], why_not
+    models = ["panoptic"]
+    if c.human.weights and Path(c.human.weights).is_file():
+        models.append("human")
+    try:
+        require_extra("face")
+        models.append("face")
+    except MissingExtra:
+        pass
+    return models, ""
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def check(c: SegmentConfig) -> None:
+    """Fail before anything runs when an explicitly listed segmenter cannot be built here; loads no model."""
+    if isinstance(c.segmenters, str):
+        return
+    for name in c.segmenters:
+        require_extra(name, c.panoptic.backend)
+        if name == "human" and c.human.weights is None and not c.human.allow_random_weights:
+            raise MissingExtra("segmenter 'human' needs segment.human.weights (an SCHP LIP checkpoint path)")
+        if name == "human" and c.human.weights is not None and not Path(c.human.weights).is_file():
+            raise MissingExtra(f"segment.human.weights {c.human.weights!r}: no such file")
+        if name == "panoptic" and c.panoptic.backend == "transformers" and not _hub_weights_local(c.panoptic.model) \
+                and _hub_offline():
+            raise MissingExtra(f"segment.panoptic.model {c.panoptic.model!r} is not in the Hugging Face cache and "
+                               "HF_HUB_OFFLINE is set: point it at a local checkpoint directory")
+
+
+def plan(c: SegmentConfig, masks_shipped: bool) -> SegmentPlan:
+    """The segmenters a run uses for a source that does (or does not) ship COCO-panoptic masks."""
+    if c.segmenters == "none":
+        return SegmentPlan((), "segment.segmenters is none")
+    if isinstance(c.segmenters, list):
+        return SegmentPlan(tuple(c.segmenters), "segment.segmenters lists them")
+    if masks_shipped:
+        return SegmentPlan(("masks",), "auto: the source ships COCO-panoptic masks")
+    models, why_not = available_models(c)
+    if models:
+        return SegmentPlan(tuple(models), "auto: the source ships no masks; these models' weights are on this machine")
+    return SegmentPlan((), f"auto: the source ships no masks and no segmenter model can run here ({why_not})")
+
+
 def build_segmenter(name: str, config, space: LabelSpace, device: str) -> Segmenter:
     """The segmenter `name` from the stage config (`muse.config.SegmentConfig`)."""
     if name == "masks":
         return MasksSegmenter(config.masks, space)
     if name == "panoptic":
-        return PanopticSegmenter(config.panoptic, space, device)
+        return panoptic_segmenter(config.panoptic, space, device)
     if name == "human":
         return HumanSegmenter(config.human, space, device)
     if name == "face":
