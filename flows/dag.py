@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from muse.config import ConfigError
+
 from muse.stages import (
     evaluate,
     finetune_decoder,
@@ -42,8 +44,14 @@ def stages_for(target: str) -> list[str]:
     if target == FULL_TRAIN:
         return list(STAGES)
     if target not in STAGES:
-        raise ValueError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+        raise ConfigError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     return [target]
+
+
+def preflight(names: list[str], config) -> list[str]:
+    """Each of these stages' `preflight(config)` (optional in the stage protocol): what can be checked before
+    anything runs (extras, weights, scene maps). Raises the first user error; returns what they will do."""
+    return [check(config) for name in names if (check := getattr(STAGES[name], "preflight", None)) is not None]
 
 
 def _check() -> None:

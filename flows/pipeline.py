@@ -4,23 +4,29 @@ Each stage is a task that resolves its input artifacts, derives the version its
 outputs would have, and either reuses them ("up to date") or calls the stage's
 `run`. Tasks pass only `{kind: version}` references; data stays in the store.
 Stages with no path between them (train-base, train-superres, finetune-decoder)
-are submitted together and run concurrently.
+are submitted together and run concurrently. Before any stage runs, each stage's
+`preflight(config)` (where it has one) checks what can be known up front (extras,
+weights, scene maps) and says what it will do. A user's mistake (`UserError`) ends
+the task and the run in a Failed state whose message is that one line, not a traceback.
 """
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import FailedRun
+from prefect.states import Failed
 
 from muse.artifacts.publish import publish
 from muse.artifacts.remote import open_store
 from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact
-from muse.config import PipelineConfig, load_config
+from muse.config import ConfigError, PipelineConfig, load_config
+from muse.errors import UserError
 
-from .dag import FULL_TRAIN, PRODUCER, STAGES, TARGETS, stages_for, upstream_stages
+from .dag import FULL_TRAIN, PRODUCER, STAGES, TARGETS, preflight, stages_for, upstream_stages
 
 
-class MissingInput(RuntimeError):
+class MissingInput(UserError, RuntimeError):
     """A stage's input artifact is not in the store; the message names the stage to run first."""
 
 
@@ -50,8 +56,17 @@ def run_stage(
     upstream: list[dict[str, str]],
     pinned: dict[str, str],
     force: bool,
-) -> dict[str, str]:
-    """Run one stage unless its outputs already exist; returns {kind: version} of its outputs."""
+):
+    """Run one stage unless its outputs already exist; returns {kind: version} of its outputs (or a Failed state
+    with the one-line message of a user's mistake)."""
+    try:
+        return _run_stage(name, config, store_root, upstream, pinned, force)
+    except UserError as e:
+        return Failed(message=f"{name}: {e}")
+
+
+def _run_stage(name: str, config: PipelineConfig, store_root: str, upstream: list[dict[str, str]],
+               pinned: dict[str, str], force: bool) -> dict[str, str]:
     logger = get_run_logger()
     stage = STAGES[name]
     store = open_store(store_root)
@@ -102,16 +117,22 @@ def muse(
     force: stages to rerun even when up to date; inputs: pinned versions {kind: version}
     for artifacts this run does not produce (default: latest).
     """
-    force = list(force or [])
-    for name in force:
-        if name not in STAGES:
-            raise ValueError(f"--force {name!r}: unknown stage; choose from {', '.join(STAGES)}")
-    names = stages_for(target)
-    config = load_config(preset, config_file, overrides or [])
-    if source is not None:
-        config.shard.source = source
-    root = open_store(store).location
-    get_run_logger().info("target %s: stages %s; store %s", target, ", ".join(names), root)
+    logger = get_run_logger()
+    try:
+        force = list(force or [])
+        for name in force:
+            if name not in STAGES:
+                raise ConfigError(f"--force {name!r}: unknown stage; choose from {', '.join(STAGES)}")
+        names = stages_for(target)
+        config = load_config(preset, config_file, overrides or [])
+        if source is not None:
+            config.shard.source = source
+        root = open_store(store).location
+        logger.info("target %s: stages %s; store %s", target, ", ".join(names), root)
+        for line in preflight(names, config):
+            logger.info(line)
+    except UserError as e:
+        return Failed(message=str(e))
 
     futures = {}
     for name in names:
@@ -120,7 +141,10 @@ def muse(
     # result() re-raises the first failing stage's own exception, in DAG order.
     produced: dict[str, str] = {}
     for name in names:
-        produced.update(futures[name].result())
+        try:
+            produced.update(futures[name].result())
+        except FailedRun as e:  # a stage's Failed state: the user's mistake, in one line
+            return Failed(message=str(e))
     return produced
 
 

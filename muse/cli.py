@@ -11,6 +11,7 @@ import json
 import sys
 
 from muse.config import ConfigError, dump_config, load_config, preset_names
+from muse.errors import UserError
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -46,7 +47,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from muse.flows.dag import STAGES, TARGETS
+    from muse.flows.dag import STAGES, TARGETS, preflight, stages_for
 
     if args.target not in TARGETS:
         raise ConfigError(f"unknown target {args.target!r}; choose one of: {', '.join(TARGETS)}")
@@ -54,14 +55,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         if name not in STAGES:
             raise ConfigError(f"--force {name!r}: unknown stage; choose from {', '.join(STAGES)}")
     pinned = _pairs(args.inputs, "--input")
-    load_config(args.preset, args.config, args.overrides)  # fail fast, before Prefect starts
+    # Fail fast, before Prefect starts: the config, then what the stages can check up front (the flow checks again).
+    preflight(stages_for(args.target), load_config(args.preset, args.config, args.overrides))
+
+    from prefect.exceptions import FailedRun
 
     from muse.flows.pipeline import muse
 
-    produced = muse(
-        target=args.target, preset=args.preset, overrides=args.overrides, config_file=args.config,
-        source=args.source, force=args.force, store=args.store, inputs=pinned,
-    )
+    try:
+        produced = muse(
+            target=args.target, preset=args.preset, overrides=args.overrides, config_file=args.config,
+            source=args.source, force=args.force, store=args.store, inputs=pinned,
+        )
+    except FailedRun as e:  # the run ended on a user's mistake, already one line
+        raise UserError(str(e)) from None
     for kind, version in produced.items():
         print(f"{kind}:{version}")
     return 0
@@ -329,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (ArtifactError, NotImplementedError, RuntimeError, ValueError, OSError) as e:
+    except (UserError, ArtifactError, NotImplementedError, RuntimeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -1,5 +1,6 @@
 """The `muse` command line on a store written by the shard stage."""
 
+import os
 import subprocess
 import sys
 
@@ -51,7 +52,29 @@ def test_errors_are_one_line_and_nothing_runs(tmp_path, capsys):
     assert "unknown target 'nope'" in capsys.readouterr().err
     assert main(["artifacts", "show", "base", "--store", str(tmp_path / "s")]) == 1
     assert "no 'base' artifact" in capsys.readouterr().err
+    # Missing extras and weights: one line naming the install command or the key, before anything runs.
+    for overrides, expected in (
+        (["segment.segmenters=[panoptic]", "segment.panoptic.backend=detectron2"], "pip install 'muse-pipeline[detectron2]'"),
+        (["segment.segmenters=[masks, human]"], "segment.human.weights"),
+        (["segment.segmenters=none", "train_superres.scene_conditioning=true"],
+         "train_superres.scene_conditioning needs scene maps"),
+    ):
+        sets = [a for o in overrides for a in ("--set", o)]
+        assert main(["run", "full-train", *sets, "--store", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "s").exists()
+
+
+def test_the_flows_raise_prefects_start_up_limit_and_keep_telemetry_off():
+    """The embedded API of a first run gets more than Prefect's 20 s on a loaded host; no offline telemetry ERRORs."""
+    script = ("import muse.flows; from prefect.settings import get_current_settings as s; "
+              "print(s().server.ephemeral.startup_timeout_seconds, s().server.analytics_enabled)")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env).stdout
+    timeout, analytics = out.split()
+    assert int(timeout) >= 120 and analytics == "False"
 
 
 def test_config_show_and_help():
