@@ -17,8 +17,18 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from .manifest import MANIFEST_NAME, Manifest
-from .store import _KIND_RE, _VERSION_RE, Artifact, ArtifactError, ArtifactStore, ArtifactWriter, MissingArtifact, Problem
+from .manifest import MANIFEST_NAME
+from .store import (
+    _KIND_RE,
+    _VERSION_RE,
+    Artifact,
+    ArtifactError,
+    ArtifactStore,
+    ArtifactWriter,
+    MissingArtifact,
+    Problem,
+    read_manifest,
+)
 
 
 def is_remote(location: str | os.PathLike) -> bool:
@@ -69,7 +79,7 @@ class RemoteArtifactStore(ArtifactStore):
         for mpath in self.root.glob(f"{kind or '*'}/*/{MANIFEST_NAME}"):
             k, v = mpath.parent.parent.name, mpath.parent.name
             if _KIND_RE.match(k) and _VERSION_RE.match(v) and self.has(k, v):
-                out.append(Artifact(mpath.parent, Manifest.model_validate_json(mpath.read_text())))
+                out.append(Artifact(mpath.parent, read_manifest(mpath.read_text(), str(mpath))))
         return sorted(out, key=lambda a: (a.kind, a.manifest.seq))
 
     def get(self, kind: str, version: str | None = None) -> Artifact:
@@ -93,7 +103,7 @@ class RemoteArtifactStore(ArtifactStore):
         remote_manifest = self._r(kind, version, MANIFEST_NAME)
         if not self.fs.exists(remote_manifest):
             raise MissingArtifact(f"no artifact {kind}:{version} in {self.url}")
-        manifest = Manifest.model_validate_json(self.fs.cat_file(remote_manifest))
+        manifest = read_manifest(self.fs.cat_file(remote_manifest), remote_manifest)
         local = self.root / kind / version
         for entry in manifest.files:
             path = local / entry.path

@@ -115,6 +115,16 @@ def _list_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p not in manifests)
 
 
+def read_manifest(text: str | bytes, where: str) -> Manifest:
+    """A manifest from its JSON; an ArtifactError naming `where` and the first bad field."""
+    try:
+        return Manifest.model_validate_json(text)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ArtifactError(f"{where}: invalid manifest field {loc}: {first['msg']}") from None
+
+
 def manifest_path(artifact_dir: Path) -> Path:
     """The manifest of an artifact directory: `_manifest.json`, or the name stores written before it used."""
     legacy = artifact_dir / LEGACY_MANIFEST_NAME
@@ -139,13 +149,9 @@ class ArtifactStore:
         path = self.root / kind / version
         mpath = manifest_path(path)
         try:
-            manifest = Manifest.model_validate_json(mpath.read_text())
+            manifest = read_manifest(mpath.read_text(), str(mpath))
         except FileNotFoundError:
             raise MissingArtifact(f"no artifact {kind}:{version} in {self.root}") from None
-        except ValidationError as e:
-            first = e.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            raise ArtifactError(f"{mpath}: invalid manifest field {loc}: {first['msg']}") from None
         return Artifact(path, manifest)
 
     def list(self, kind: str | None = None) -> list[Artifact]:

@@ -102,3 +102,29 @@ def test_flow_skips_up_to_date_stage_on_a_remote_store(prefect_api, url, tmp_pat
     assert muse(target="shard", overrides=SMALL, store=url) == first
     again = open_store(url).get("shards").manifest
     assert again.seq == 1 and again.created == created  # reused, not rewritten
+
+
+def test_a_crafted_manifest_cannot_write_outside_the_mirror(url, tmp_path):
+    """A shared store's manifest names the files a reader pulls; `..` or absolute paths are refused before any write."""
+    import json
+
+    import fsspec
+
+    from muse.artifacts.store import ArtifactError
+
+    a = RemoteArtifactStore(url, tmp_path / "cache-a")
+    art = _write(a)
+    fs = fsspec.filesystem("memory")
+    root = url.removeprefix("memory:/")
+    manifest = json.loads(fs.cat_file(f"{root}/shards/{art.version}/_manifest.json"))
+    escape = "../../../../escaped.txt"
+    import hashlib
+
+    manifest["files"][0].update(path=escape, size=7, sha256=hashlib.sha256(b"planted").hexdigest())  # hash matches
+    fs.pipe(f"{root}/shards/{art.version}/{escape}", b"planted")
+    fs.pipe(f"{root}/shards/{art.version}/_manifest.json", json.dumps(manifest).encode())
+    b = RemoteArtifactStore(url, tmp_path / "mirror" / "cache-b")
+    with pytest.raises(ArtifactError, match=r"_manifest.json: invalid manifest field files.0.path: .*not a plain "
+                                            r"relative path inside the artifact"):
+        b.get("shards", art.version)
+    assert not list(tmp_path.rglob("escaped.txt"))
