@@ -23,7 +23,9 @@ import copy
 import logging
 import math
 import os
+import pickle
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -36,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from muse.config import TrainConfig
+from muse.errors import UserError
 from muse.distributed import autocast
 
 log = logging.getLogger("muse.training")
@@ -73,7 +76,11 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The global RNGs as tensors and plain values, so a checkpoint loads with `weights_only=True`."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       cached],
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -81,7 +88,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -158,7 +166,13 @@ class TrainLoop:
         return self.work_dir / CHECKPOINT
 
     def save(self) -> None:
-        """Write the checkpoint atomically: a crash mid-write leaves the previous one intact."""
+        """Write the checkpoint atomically: a crash mid-write leaves the previous one intact, and weights that
+        are no longer finite (a diverged update) never replace it."""
+        for k, m in self.objective.modules.items():
+            if not all(bool(torch.isfinite(p).all()) for p in m.parameters()):
+                last = "none" if self.saved_step is None else f"step {self.saved_step}"
+                raise FloatingPointError(f"{self.name}: {k} weights are not finite after step {self.step}; training "
+                                         f"stopped, last good checkpoint: {last} ({self.checkpoint_path})")
         state = {
             "step": self.step, "position": self.position, "rng": _rng_state(),
             "generator": None if self.generator is None else self.generator.get_state(),
@@ -168,7 +182,13 @@ class TrainLoop:
             "ema": {k: m.state_dict() for k, m in self.ema.items()},
         }
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as an `inline_container.cc` RuntimeError
+            tmp.unlink(missing_ok=True)
+            free = shutil.disk_usage(tmp.parent).free
+            raise OSError(f"{self.name}: could not write checkpoint {tmp} ({free / 2**20:.0f} MiB free there): "
+                          f"{str(e).splitlines()[0]}") from None
         os.replace(tmp, self.checkpoint_path)
         self.saved_step = self.step
 
@@ -176,7 +196,12 @@ class TrainLoop:
         """Load the last checkpoint if there is one; True when resumed."""
         if not self.checkpoint_path.is_file():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        try:  # tensors and plain data only: unpickling a planted file must not run its code
+            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UserError(f"{self.checkpoint_path}: not a checkpoint of tensors and plain data (written by an older "
+                            f"muse, or tampered with); delete it or rerun with --force ({str(e).splitlines()[0]})"
+                            ) from None
         for k, m in self.objective.modules.items():
             m.load_state_dict(state["modules"][k])
         for k, o in self.optimizers.items():

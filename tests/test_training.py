@@ -88,7 +88,45 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
     loop = TrainLoop(cfg, _Exploding(), tmp_path, "nan")
     with pytest.raises(FloatingPointError, match=r"non-finite gen \(nan\) at step 5.*last good checkpoint: step 3"):
         loop.run(lambda pos: iter(lambda: torch.ones(2, 2), None))
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+class _Diverging(_Exploding):
+    """Finite losses, but the update at step 4 makes the weights infinite (as lr=1e30 does)."""
+
+    def losses(self, batch, step):
+        if step == 4:
+            with torch.no_grad():
+                self.net.weight.fill_(float("inf"))
+        return {"gen": self.net(batch).mean().clamp(-1e3, 1e3) if step != 4 else self.net.bias.sum()}
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    cfg = TrainConfig(steps=10, batch_size=2, checkpoint_every=1, warmup_steps=0)
+    loop = TrainLoop(cfg, _Diverging(), tmp_path, "inf")
+    with pytest.raises(FloatingPointError, match=r"net weights are not finite after step 5.*last good checkpoint: step 4"):
+        loop.run(lambda pos: iter(lambda: torch.ones(2, 2), None))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["modules"]["net"].values())
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch planted-by-checkpoint",)
+
+
+def test_a_planted_checkpoint_does_not_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "work").mkdir()
+    torch.save({"step": _Payload()}, tmp_path / "work" / "checkpoint.pt")
+    loop = TrainLoop(TrainConfig(steps=2, batch_size=2, warmup_steps=0), _Exploding(), tmp_path / "work", "p")
+    from muse.errors import UserError
+
+    with pytest.raises(UserError, match=r"checkpoint.pt: not a checkpoint of tensors and plain data"):
+        loop.resume()
+    assert not (tmp_path / "planted-by-checkpoint").exists()
 
 
 def test_warmup_then_cosine():
