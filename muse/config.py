@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from muse.errors import UserError
 
@@ -27,7 +27,17 @@ class ConfigError(UserError, ValueError):
 class Section(BaseModel):
     """Base of every config model: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        # pydantic reads true as 1: `steps: true` would train one step
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if isinstance(data.get(name), bool) and field.annotation in (int, float, int | None, float | None):
+                    raise ValueError(f"{name} needs a number, got {data[name]}")
+        return data
 
 
 # ----------------------------------------------------------------------------- data
@@ -270,6 +280,13 @@ class SegmentConfig(Section):
     face: FaceSegmenterConfig = Field(default_factory=FaceSegmenterConfig, description="face segmenter.")
     masks: MasksSegmenterConfig = Field(default_factory=MasksSegmenterConfig, description="masks segmenter.")
 
+    @field_validator("segmenters", mode="before")
+    @classmethod
+    def _auto_none_or_a_list(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("auto", "none"):
+            raise ValueError(f"auto, none or a list of masks, panoptic, human, face (got {value!r})")
+        return value
+
     @model_validator(mode="after")
     def _one_base(self) -> "SegmentConfig":
         if isinstance(self.segmenters, str):
@@ -432,11 +449,27 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a mapping naming a key twice (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(text: str, origin: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise ConfigError(f"{origin}: invalid YAML: {e}".replace("\n", " ")) from None
+        # Only the problem and where (line, column): never the file's lines, which may hold secrets.
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"{origin}: invalid YAML{at}: {getattr(e, 'problem', None) or type(e).__name__}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -31,6 +31,9 @@ def test_overrides_are_typed_and_applied():
         ("shard.val_fraction=1.5", "shard.val_fraction"),
         ("nosection.key=1", "unknown key nosection"),
         ("novalue", "expected section.key=value"),
+        ("train_base.train.lr=.inf", "train_base.train.lr: Input should be a finite number"),
+        ("train_base.train.steps=true", "steps needs a number, got True"),
+        ("segment.segmenters=sometimes", "segment.segmenters"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -57,6 +60,15 @@ def test_config_file_merges_over_preset_and_errors_name_the_file(tmp_path):
         load_config("tiny", config_file=typo)
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         load_config("nope")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train_base:\n  train: {steps: 3}\n  train: {steps: 4}\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: invalid YAML at line 3, column 3: duplicate key 'train'"):
+        load_config("tiny", config_file=twice)
+    secret = tmp_path / "credentials.yaml"
+    secret.write_text("aws_access_key_id: AKIAEXAMPLESECRET\n  oops: [\n")
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", config_file=secret)
+    assert "AKIAEXAMPLESECRET" not in str(e.value) and "credentials.yaml: invalid YAML at line 2" in str(e.value)
 
 
 def test_dump_round_trips():
