@@ -25,16 +25,19 @@ from typing import Any, Iterator
 
 from pydantic import ValidationError
 
+from muse.errors import UserError
+
 from .manifest import LEGACY_MANIFEST_NAME, MANIFEST_NAME, FileEntry, Manifest, content_version, sha256_file
 
 # Stage-written previews: PNG files under this folder of an artifact are shown on its Prefect page.
 PREVIEW_DIR = "previews"
 
 _VERSION_RE = re.compile(r"^[0-9a-f]{6,64}$")
+_VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) of files this process hashed and found good
 _KIND_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """A store problem a user can act on; the message says what and where."""
 
 
@@ -216,23 +219,58 @@ class ArtifactStore:
                 lines.append(f"{'  ' * (depth + 1)}{kind}:{version}  (missing from store)")
         return lines
 
-    def verify(self, kind: str | None = None) -> tuple[int, list[Problem]]:
-        """Re-hash every file of every artifact; returns (files checked, problems)."""
-        checked, problems = 0, []
-        for art in self.list(kind):
-            listed = {f.path: f for f in art.manifest.files}
-            present = {p.relative_to(art.path).as_posix() for p in _list_files(art.path)}
-            for rel in sorted(present - set(listed)):
-                problems.append(Problem(art.ref, rel, "file not in manifest"))
-            for rel, entry in sorted(listed.items()):
-                checked += 1
-                p = art.path / rel
-                if rel not in present:
-                    problems.append(Problem(art.ref, rel, "missing"))
-                elif p.stat().st_size != entry.size:
-                    problems.append(Problem(art.ref, rel, f"size {p.stat().st_size} != {entry.size}"))
-                elif sha256_file(p) != entry.sha256:
+    def _problems(self, art: Artifact, cached: bool) -> list[Problem]:
+        """Files of one artifact that differ from its manifest. `cached`: skip a file this process already
+        hashed while its size and mtime are unchanged."""
+        listed = {f.path: f for f in art.manifest.files}
+        present = {p.relative_to(art.path).as_posix() for p in _list_files(art.path)}
+        problems = [Problem(art.ref, rel, "file not in manifest") for rel in sorted(present - set(listed))]
+        for rel, entry in sorted(listed.items()):
+            p = art.path / rel
+            if rel not in present:
+                problems.append(Problem(art.ref, rel, "missing"))
+                continue
+            st = p.stat()
+            stamp = (str(p), st.st_size, st.st_mtime_ns, entry.sha256)
+            if st.st_size != entry.size:
+                problems.append(Problem(art.ref, rel, f"size {st.st_size} != {entry.size}"))
+            elif not (cached and stamp in _VERIFIED):
+                if sha256_file(p) != entry.sha256:
                     problems.append(Problem(art.ref, rel, "sha256 mismatch"))
+                else:
+                    _VERIFIED.add(stamp)
+        return problems
+
+    def check(self, art: Artifact) -> Artifact:
+        """The artifact, once its files match its manifest (hashed once per process while unchanged); an
+        ArtifactError naming the first bad file otherwise, so tampered or rotted data is never used as good."""
+        problems = self._problems(art, cached=True)
+        if problems:
+            more = f" (and {len(problems) - 1} more; `muse artifacts verify`)" if len(problems) > 1 else ""
+            raise ArtifactError(f"{art.path / problems[0].path}: {problems[0].reason}{more}")
+        return art
+
+    def verify(self, kind: str | None = None) -> tuple[int, list[Problem]]:
+        """Re-hash every file of every artifact and check every `latest` pointer; returns (files checked,
+        problems), reading on past an unreadable manifest."""
+        checked, problems = 0, []
+        kinds = [kind] if kind else sorted(p.name for p in self.root.iterdir() if p.is_dir() and _KIND_RE.match(p.name)) \
+            if self.root.is_dir() else []
+        for k in kinds:
+            kdir = self.root / k
+            versions = sorted(v.name for v in kdir.iterdir() if v.is_dir() and _VERSION_RE.match(v.name)
+                              and manifest_path(v).is_file()) if kdir.is_dir() else []
+            for v in versions:
+                try:
+                    art = self._load(k, v)
+                except ArtifactError as e:
+                    problems.append(Problem(f"{k}:{v}", MANIFEST_NAME, str(e)))
+                    continue
+                checked += len(art.manifest.files)
+                problems += self._problems(art, cached=False)
+            latest = self.latest_version(k)
+            if latest is not None and latest not in versions:
+                problems.append(Problem(k, "latest", f"points at {latest!r}, which is not an artifact of this kind"))
         return checked, problems
 
     # ------------------------------------------------------------------ writing

@@ -38,7 +38,7 @@ def resolve_inputs(
     for kind in STAGES[name].INPUTS:
         version = produced.get(kind) or pinned.get(kind)
         try:
-            inputs[kind] = store.get(kind, version)
+            inputs[kind] = store.check(store.get(kind, version))  # never use tampered or rotted data as good
         except MissingArtifact:
             what = f"{kind}:{version}" if version else f"a '{kind}' artifact"
             raise MissingInput(

@@ -87,3 +87,14 @@ def test_prefect_ui_artifacts_are_published(prefect_api, store):
     assert ("muse-shards", "table") in kinds and ("muse-shards-config", "markdown") in kinds
     page = next(a for a in arts if a.type == "markdown").data
     assert "data:image/png;base64," in page and "## Config" in page
+
+
+def test_a_tampered_input_is_refused_not_used(prefect_api, store):
+    produced = _run(store, "shard")
+    tar = sorted((store.root / "shards" / produced["shards"] / "train").glob("*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tar.write_bytes(bytes(data))
+    with pytest.raises(FailedRun, match=r"^segment: .*train/000000.tar: sha256 mismatch"):
+        _run(store, "segment")
+    assert store.kinds() == ["shards"]

@@ -71,6 +71,31 @@ def test_verify_catches_a_flipped_byte(store):
     assert {(p.path, p.reason) for p in problems} == {("data.bin", "sha256 mismatch"), ("stray.txt", "file not in manifest")}
 
 
+def test_verify_reads_on_past_a_bad_manifest_and_checks_latest(store):
+    good = _write(store, payload=b"fine")
+    other = _write(store, kind="tokens", payload=b"tok")
+    (store.root / "tokens" / other.version / "_manifest.json").write_text("{not json")
+    (store.root / "shards" / "latest").write_text("deadbeef0000\n")
+    checked, problems = store.verify()
+    reasons = {(p.ref, p.path): p.reason for p in problems}
+    assert checked == len(good.manifest.files)  # the good artifact was still hashed
+    assert "invalid manifest" in reasons[(f"tokens:{other.version}", "_manifest.json")]
+    assert "points at 'deadbeef0000'" in reasons[("shards", "latest")]
+    assert good.version in [a.version for a in store.list("shards")]
+
+
+def test_tampered_files_are_refused_on_read(store):
+    from muse.artifacts.store import ArtifactError
+
+    a = _write(store, payload=b"0123456789")
+    assert store.check(a) is a  # hashed once, then remembered while size and mtime hold
+    data = bytearray((a.path / "data.bin").read_bytes())
+    data[0] ^= 0x01
+    (a.path / "data.bin").write_bytes(bytes(data))  # same size, new mtime
+    with pytest.raises(ArtifactError, match=r"data.bin: sha256 mismatch"):
+        store.check(store.get("shards"))
+
+
 def test_lineage_and_missing(store):
     shards = _write(store)
     tokens = _write(store, kind="tokens", inputs={"shards": shards.version})
