@@ -337,6 +337,8 @@ class TextEncoderConfig(Section):
     max_length: int = Field(32, ge=4, le=512, description="Tokens kept per caption (the memory length L).")
     random_weights: bool = Field(False, description="Build the architecture with random weights (tests, smoke runs).")
     random_width: int = Field(64, ge=8, description="t5 with random_weights: hidden size of the random encoder.")
+    random_seed: int = Field(0, description="Seed of random weights: tokenize, training and generation build the "
+                             "same encoder.")
 
 
 class TokenizeConfig(Section):

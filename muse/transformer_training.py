@@ -219,6 +219,8 @@ def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfi
         raise ConfigError(f"{create_kwargs['stage'].replace('-', '_')}.scene_conditioning needs scene tokens, but "
                           f"{tokens.ref} has none (its run recorded no scene maps: {tokens.manifest.details['scene_plan']})")
     precomputed = text_info is not None
+    if precomputed:  # the encoder that made the tokens' embeddings is the one generation must use
+        text_cfg = TextEncoderConfig.model_validate(text_info["encoder"])
     text = CaptionMemory(text_cfg, precomputed, device)
     text_dim = text_info["dim"] if precomputed else text.encoder.dim
     spec = transformer_spec(model_cfg, geometry, text_dim, target, cond, scene)

@@ -174,3 +174,33 @@ def test_new_decoder_beats_the_old_one_on_val_after_a_short_run(pipeline_store, 
     m = out.manifest.metrics
     assert m["new_psnr"] > m["old_psnr"] + 0.2, m  # deterministic on CPU: 16.65 -> 17.09 dB here
     assert store.kinds() == ["decoder"]  # nothing else was written  # nothing else was written
+
+
+def test_the_text_encoder_that_made_the_tokens_is_the_one_recorded(pipeline_store, tmp_path):
+    """Rerunning train-base with another text encoder configured still trains on (and records) the encoder that
+    embedded the tokens, so generation encodes prompts the way training saw them."""
+    from muse.artifacts.store import ArtifactStore
+    from muse.stages import train_base
+
+    cfg, _, arts = pipeline_store
+    other = cfg.tokenize.text_encoder.model_copy(update={"kind": "clip", "random_weights": True})
+    cfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"text_encoder": other})})
+    store = ArtifactStore(tmp_path / "store")
+    base = train_base.run(cfg, {"tokens": arts["tokens"]}, store)
+    _, config = load_transformer(base.path)
+    assert config["text_encoder"] == json.loads((arts["tokens"].path / "_schema.json").read_text())["text"]["encoder"]
+    assert config["text_encoder"]["kind"] == "minilm"
+
+
+def test_random_weight_text_encoders_are_the_same_in_every_process():
+    from muse.config import TextEncoderConfig
+    from muse.models.text import load_text_encoder
+
+    cfg = TextEncoderConfig(kind="clip", random_weights=True, max_length=8)
+    torch.manual_seed(123)  # the global RNG's state must not matter
+    a, _ = load_text_encoder(cfg).encode(["a red circle"])
+    torch.manual_seed(7)
+    b, _ = load_text_encoder(cfg).encode(["a red circle"])
+    assert torch.equal(a, b)
+    c, _ = load_text_encoder(cfg.model_copy(update={"random_seed": 1})).encode(["a red circle"])
+    assert not torch.equal(a, c)

@@ -137,6 +137,11 @@ def _clip(cfg: TextEncoderConfig, device) -> OpenClipEncoder:
 
 
 def load_text_encoder(cfg: TextEncoderConfig, device: torch.device | str = "cpu") -> TextEncoder:
-    """Build the configured encoder on `device`."""
+    """Build the configured encoder on `device`; random weights are drawn from `cfg.random_seed`."""
+    from muse.training import seeded
+
     builders = {"minilm": _minilm, "t5": _t5, "clip": _clip}
-    return builders[cfg.kind](cfg, device)
+    if not cfg.random_weights:
+        return builders[cfg.kind](cfg, device)
+    with seeded(cfg.random_seed):
+        return builders[cfg.kind](cfg, device)

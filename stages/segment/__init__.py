@@ -256,7 +256,7 @@ def _record_no_scene_maps(config: PipelineConfig, shards: Artifact, store: Artif
                       code_version=CODE_VERSION) as out:
         out.metrics = {"samples": samples, "segmented": 0, "failed": 0, "scene_maps": 0}
         out.details = {**details(SceneMaps(False, (), p.reason)), "label_space": space.to_json()}
-    log.warning("segment: no scene maps (%s): the scene tokenizer and seg_tokens are skipped", p.reason)
+    log.warning("segment: no scene maps, so the scene tokenizer and seg_tokens are skipped")
     return out.artifact
 
 
