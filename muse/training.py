@@ -158,6 +158,7 @@ class TrainLoop:
         self.step = 0
         self.position = 0  # samples consumed: where the data stream resumes
         self.saved_step: int | None = None  # step of the checkpoint on disk
+        self.figures: dict[str, float] = {}  # the last step's figures, checkpointed: a rerun after the end reports them
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -180,6 +181,7 @@ class TrainLoop:
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedules": {k: s.state_dict() for k, s in self.schedules.items()},
             "ema": {k: m.state_dict() for k, m in self.ema.items()},
+            "figures": self.figures,
         }
         tmp = self.checkpoint_path.with_suffix(".tmp")
         try:
@@ -211,6 +213,7 @@ class TrainLoop:
         for k, m in self.ema.items():
             m.load_state_dict(state["ema"][k])
         self.step, self.position = state["step"], state["position"]
+        self.figures = dict(state.get("figures", {}))  # absent in checkpoints written before figures were kept
         self.saved_step = self.step
         _set_rng_state(state["rng"])
         if self.generator is not None and state.get("generator") is not None:  # None: written before objectives had one
@@ -260,7 +263,7 @@ class TrainLoop:
                 writer = SummaryWriter(log_dir=str(self.work_dir / "tensorboard"), purge_step=self.step)
         except ImportError:  # tensorboard is optional
             pass
-        figures: dict[str, float] = {}
+        figures = dict(self.figures)
         last_step, t_last = self.step, time.perf_counter()
         bar = tqdm(total=end, initial=self.step, desc=self.name, unit="step", mininterval=2.0,
                    disable=self.rank > 0)
@@ -299,7 +302,7 @@ class TrainLoop:
                 self.step += 1
                 self.position += samples
                 bar.update(1)
-                figures = values
+                figures = self.figures = values
                 if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == end):
                     now = time.perf_counter()  # rates over the last interval: what the run does now
                     rate = (self.step - last_step) / max(now - t_last, 1e-9)

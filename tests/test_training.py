@@ -129,6 +129,15 @@ def test_a_planted_checkpoint_does_not_run_code(tmp_path, monkeypatch):
     assert not (tmp_path / "planted-by-checkpoint").exists()
 
 
+def test_a_rerun_after_the_last_step_reports_the_same_figures(tmp_path):
+    """Killed between the last checkpoint and the commit: the rerun trains nothing and must commit the same figures."""
+    files = _tars(tmp_path)
+    first, data = _loop(tmp_path, files, steps=6)
+    figures = first.run(data)
+    again, data = _loop(tmp_path, files, steps=6)
+    assert again.run(data) == figures and again.step == 6 and "rec" in figures
+
+
 def test_warmup_then_cosine():
     f = lr_lambda(TrainConfig(steps=110, warmup_steps=10))
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
