@@ -18,6 +18,7 @@ import fcntl
 import os
 import re
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from .manifest import LEGACY_MANIFEST_NAME, MANIFEST_NAME, FileEntry, Manifest, 
 PREVIEW_DIR = "previews"
 
 _VERSION_RE = re.compile(r"^[0-9a-f]{6,64}$")
+_HOST = socket.gethostname().replace("-", "_")
+_OWNER_RE = re.compile(r"-(?P<host>[^-]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 _VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) of files this process hashed and found good
 _KIND_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
@@ -94,6 +97,21 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.ref}: {self.path}: {self.reason}"
+
+
+def _owner() -> str:
+    """Who writes a `.tmp/` entry (host and pid), so a dead writer's leftovers can be told from a live one's."""
+    return f"{_HOST}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_tree(root: Path) -> None:
@@ -320,7 +338,8 @@ class ArtifactStore:
         if not _KIND_RE.match(kind):
             raise ArtifactError(f"invalid artifact kind {kind!r}: use lowercase letters, digits and '-'")
         version = self.version_of(stage, config, inputs, code_version)
-        tmp = self.root / ".tmp" / f"{kind}-{version}-{uuid.uuid4().hex[:8]}"
+        self.remove_orphans()
+        tmp = self.root / ".tmp" / f"{kind}-{version}-{_owner()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         writer = ArtifactWriter(kind=kind, version=version, path=tmp)
         try:
@@ -340,7 +359,7 @@ class ArtifactStore:
                 _fsync_tree(tmp)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if target.exists():
-                    old = self.root / ".tmp" / f"replaced-{kind}-{version}-{uuid.uuid4().hex[:8]}"
+                    old = self.root / ".tmp" / f"replaced-{kind}-{version}-{_owner()}-{uuid.uuid4().hex[:8]}"
                     os.rename(target, old)
                     os.rename(tmp, target)
                     shutil.rmtree(old)
@@ -348,8 +367,50 @@ class ArtifactStore:
                     os.rename(tmp, target)
                 self._set_latest(kind, version)
                 writer.artifact = Artifact(target, manifest)
+            self.clear_work(kind, version)  # its checkpoints and scratch went into the artifact or are spent
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def remove_orphans(self) -> list[Path]:
+        """Remove `.tmp/` entries of writers on this host that are no longer running (a killed commit); returns
+        what was removed. Entries of live processes and of other hosts are left alone."""
+        removed = []
+        tmp_root = self.root / ".tmp"
+        for entry in tmp_root.iterdir() if tmp_root.is_dir() else []:
+            owner = _OWNER_RE.search(entry.name)
+            if owner and owner["host"] == _HOST and not _alive(int(owner["pid"])):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        return removed
+
+    def gc(self) -> list[Path]:
+        """Orphaned `.tmp/` entries and `.work/` dirs of versions already committed; returns what was removed."""
+        removed = self.remove_orphans()
+        work = self.root / ".work"
+        for kdir in sorted(work.iterdir()) if work.is_dir() else []:
+            for vdir in sorted(kdir.iterdir()) if kdir.is_dir() else []:
+                if self.has(kdir.name, vdir.name):
+                    shutil.rmtree(vdir, ignore_errors=True)
+                    removed.append(vdir)
+        return removed
+
+    @contextlib.contextmanager
+    def producing(self, stage: str, version: str) -> Iterator[None]:
+        """Held while one process checks for, produces and commits a stage's outputs at a version: a second
+        identical run waits here, then finds them up to date instead of training them again beside the first."""
+        path = self.root / ".locks" / f"{stage}-{version}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a")
+        except OSError:  # a read-only store: nothing can be produced in it, so there is nothing to wait for
+            yield
+            return
+        with f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _set_latest(self, kind: str, version: str) -> None:
         pointer = self.root / kind / "latest"
@@ -358,9 +419,12 @@ class ArtifactStore:
         os.replace(tmp, pointer)
 
     def set_latest(self, kind: str, version: str) -> None:
-        """Point `latest` at an existing version (a skipped, up-to-date run does this too)."""
+        """Point `latest` at an existing version (a skipped, up-to-date run does this too); writes nothing when it
+        already does, so an up-to-date rerun works on a read-only store."""
         if not self.has(kind, version):
             raise MissingArtifact(f"no artifact {kind}:{version} in {self.root}")
+        if self.latest_version(kind) == version:
+            return
         with self._lock():
             self._set_latest(kind, version)
 

@@ -74,7 +74,11 @@ def _run_stage(name: str, config: PipelineConfig, store_root: str, upstream: lis
     inputs = resolve_inputs(name, store, produced, pinned)
     input_versions = {kind: a.version for kind, a in inputs.items()}
     version = store.version_of(name, stage.config_of(config), input_versions, stage.CODE_VERSION)
+    with store.producing(name, version):  # an identical run elsewhere finishes first; this one then reuses it
+        return _produce(name, stage, config, store, inputs, input_versions, version, force, logger)
 
+
+def _produce(name, stage, config, store, inputs, input_versions, version, force, logger) -> dict[str, str]:
     if not force and all(store.has(kind, version) for kind in stage.OUTPUTS):
         outputs = [store.get(kind, version) for kind in stage.OUTPUTS]
         for a in outputs:

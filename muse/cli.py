@@ -132,6 +132,15 @@ def cmd_artifacts_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_artifacts_gc(args: argparse.Namespace) -> int:
+    store = _store(args)
+    removed = store.gc()
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} leftovers removed from {store.location} (killed commits, scratch of committed versions)")
+    return 0
+
+
 def _prompts(args: argparse.Namespace) -> list[dict]:
     """Positional prompts (numbered) or a JSONL file of {id, prompt[, negative, seed]}; errors name file and line."""
     if bool(args.prompts) == bool(args.prompts_file):
@@ -284,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", help="only this kind")
     _store_arg(p)
     p.set_defaults(func=cmd_artifacts_verify)
+    p = asub.add_parser("gc", help="remove what killed runs left: .tmp/ of dead commits, .work/ of committed versions")
+    _store_arg(p)
+    p.set_defaults(func=cmd_artifacts_gc)
 
     p = sub.add_parser("generate", help="text -> images with the trained base, super-res and decoder artifacts")
     p.add_argument("prompts", nargs="*", help="prompts (written as OUT/0000.png, 0001.png, ...)")

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -113,3 +114,48 @@ def test_work_dir_survives_until_cleared(store):
     assert store.work_dir("base", "abc123").joinpath("ckpt.pt").exists()
     store.clear_work("base", "abc123")
     assert not (store.root / ".work" / "base" / "abc123").exists()
+
+
+def test_a_commit_clears_its_work_dir_and_orphans_of_dead_writers(store):
+    import subprocess
+
+    work = store.work_dir("shards", store.version_of("s", {"a": 1}, {}, "1"))
+    (work / "checkpoint.pt").write_bytes(b"x" * 100)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that has exited
+    from muse.artifacts import store as store_module
+
+    orphan = store.root / ".tmp" / f"base-abc123-{store_module._HOST}-{dead.pid}-0123abcd"
+    alive = store.root / ".tmp" / f"base-abc123-{store_module._HOST}-{os.getpid()}-0123abcd"
+    elsewhere = store.root / ".tmp" / f"base-abc123-otherhost-{dead.pid}-0123abcd"
+    for p in (orphan, alive, elsewhere):
+        p.mkdir(parents=True)
+    a = _write(store, config={"a": 1})
+    assert not work.exists()  # its checkpoints went with the commit
+    assert not orphan.exists() and alive.exists() and elsewhere.exists()
+    stale = store.root / ".work" / "shards" / a.version
+    stale.mkdir(parents=True)  # a kill between the commit and the clean-up
+    assert store.gc() == [stale] and not stale.exists()
+
+
+def test_two_identical_runs_produce_once(store):
+    """The second waits for the first, then finds the artifact up to date instead of training it again."""
+    import threading
+    import time
+
+    version = store.version_of("s", {"a": 1}, {}, "1")
+    made = []
+
+    def run():
+        with store.producing("s", version):
+            if store.has("shards", version):
+                return
+            time.sleep(0.3)
+            made.append(_write(store, config={"a": 1}).version)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert made == [version] and [a.manifest.seq for a in store.list("shards")] == [1]
