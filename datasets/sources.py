@@ -47,6 +47,14 @@ class SourceError(UserError, ValueError):
     """A source that cannot be read at all; the message names the path and what is wrong."""
 
 
+def decode_caption(data: bytes) -> tuple[str, bool]:
+    """A caption file's text and whether it was valid UTF-8 (invalid bytes become U+FFFD and are counted)."""
+    try:
+        return data.decode("utf-8"), True
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), False
+
+
 @dataclass
 class RawSample:
     """What a worker gets from a source item: bytes + caption, or the reason it has none."""
@@ -59,6 +67,7 @@ class RawSample:
     reject: str | None = None  # reason, one of the shard stage's reject reasons
     detail: str = ""
     key: str | None = None  # the producer's key, when it has one
+    caption_utf8: bool = True  # False: the caption bytes were not UTF-8 and were decoded with replacements
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,7 @@ class FileItem:
             if self.caption_path is None:
                 return RawSample(self.source_id, reject="no_caption", detail=f"no caption file for {self.image_path}")
             try:
-                raw.caption = self._read(self.caption_path).decode("utf-8", errors="replace")
+                raw.caption, raw.caption_utf8 = decode_caption(self._read(self.caption_path))
             except PermissionError as e:
                 return RawSample(self.source_id, reject="outside_source", detail=str(e))
             except OSError as e:
@@ -204,6 +213,19 @@ def _key_of(path: Path) -> tuple[str, str]:
     return str(path.parent / base), ext.lower()
 
 
+FOLDER_ENDINGS = ("panoptic.png", "txt", "json", *IMAGE_EXTS)
+
+
+def _folder_key_of(path: Path) -> tuple[str, str]:
+    """A folder file's (key, ending) by its known ending, so dotted names (`my.photo.png`, `my.photo.txt`) keep
+    their whole stem; other files split like webdataset's."""
+    name = path.name.lower()
+    for ending in FOLDER_ENDINGS:
+        if name.endswith("." + ending) and len(name) > len(ending) + 1:
+            return str(path.parent / path.name[: -len(ending) - 1]), ending
+    return _key_of(path)
+
+
 # ----------------------------------------------------------------------------- enumeration
 
 
@@ -213,7 +235,7 @@ def folder_items(root: Path) -> Iterator[Item]:
     groups: dict[str, dict[str, Path]] = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and not p.name.startswith("."):
-            key, ext = _key_of(p.relative_to(root))
+            key, ext = _folder_key_of(p.relative_to(root))
             groups.setdefault(key, {})[ext] = p
     for key, files in sorted(groups.items()):
         image_ext = next((e for e in IMAGE_EXTS if e in files), None)
@@ -376,11 +398,11 @@ def _tar_sample(tar_name: str, key: str, files: dict[str, bytes]) -> BytesItem:
             info = json.loads(files["json"])
         except ValueError:
             info = {}
-    caption = files["txt"].decode("utf-8", errors="replace") if "txt" in files else None
-    if caption is None:
+    if "txt" not in files:
         return BytesItem(RawSample(source_id, reject="no_caption", detail="no .txt member"))
+    caption, utf8 = decode_caption(files["txt"])
     return BytesItem(RawSample(source_id, files[image_ext], caption, info, files.get("panoptic.png"),
-                               key=Path(key).name))
+                               key=Path(key).name, caption_utf8=utf8))
 
 
 def iter_items(kind: str, source: str | None, image_column: str | None, caption_column: str | None,

@@ -70,6 +70,8 @@ class ShardConfig(Section):
     max_pixels: int = Field(
         89_478_485, ge=1, description="Images with more pixels are rejected (PIL's decompression-bomb limit)."
     )
+    max_caption_chars: int = Field(2000, ge=1, description=(
+        "Captions are cut to this many characters (after whitespace is collapsed); the cuts are counted."))
     image_format: Literal["jpg", "png"] = Field("jpg", description="Encoding of the stored images.")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality when image_format is jpg.")
     samples_per_shard: int = Field(1000, ge=1, description="Samples per tar file.")

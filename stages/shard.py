@@ -29,6 +29,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
@@ -62,6 +63,7 @@ class ImageParams:
     max_pixels: int
     image_format: str
     jpeg_quality: int
+    max_caption_chars: int
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Processed:
     info: dict
     panoptic: bytes | None
     sha256: str
+    caption_flags: tuple[str, ...] = ()  # counted, not rejected: captions_truncated, captions_not_utf8
 
 
 @dataclass
@@ -116,7 +119,12 @@ def normalize_caption(text: str) -> str:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparent pixels are composited over white, not left black."""
+    """Any PIL mode -> RGB; transparent pixels are composited over white, not left black; 16- and 32-bit
+    grey levels are scaled to 8 bits (PIL's own conversion clips them, turning a 16-bit photo white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        levels = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or levels.max() > 255 else 255.0
+        return Image.fromarray((levels / top * 255).round().clip(0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -154,6 +162,8 @@ def process(item: Item, params: ImageParams) -> Processed | Rejected:
     caption = normalize_caption(raw.caption or "")
     if not caption:
         return Rejected(sid, "no_caption", "empty caption")
+    truncated = len(caption) > params.max_caption_chars
+    caption = caption[: params.max_caption_chars]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -202,8 +212,9 @@ def process(item: Item, params: ImageParams) -> Processed | Rejected:
     if raw.info:
         info["source_info"] = raw.info
     key = None if raw.key is None else shard_key(raw.key)
+    flags = (("captions_truncated",) if truncated else ()) + (() if raw.caption_utf8 else ("captions_not_utf8",))
     return Processed(sid, key, _encode(img, params.image_format, params.jpeg_quality), caption, info, panoptic,
-                     info["sha256"])
+                     info["sha256"], flags)
 
 
 # ----------------------------------------------------------------------------- the stage (main process)
@@ -256,14 +267,15 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     """Read the configured source and write the `shards` artifact."""
     c = config.shard
     kind = source_kind(config)
-    params = ImageParams(config.image_resolution, c.min_side, c.max_pixels, c.image_format, c.jpeg_quality)
+    params = ImageParams(config.image_resolution, c.min_side, c.max_pixels, c.image_format, c.jpeg_quality,
+                         c.max_caption_chars)
     items = iter_items(kind, c.source, c.image_column, c.caption_column, c.key_column,
                        config.demo.num_samples, config.demo.image_size, config.demo.seed)
     total = config.demo.num_samples if kind == "demo" else None
     log.info("shard: reading %s source %s at %dpx (%s) with %d workers",
              kind, c.source or "(demo)", params.resolution, c.image_format, c.workers)
 
-    read, rejected = 0, Counter()
+    read, rejected, flagged = 0, Counter(), Counter()
     examples: dict[str, list[str]] = {}
     seen: set[str] = set()
     keys: set[str] = set()
@@ -300,6 +312,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
                     continue
                 seen.add(result.sha256)
                 keys.add(key)
+                flagged.update(result.caption_flags)
                 split = split_of(result.source_id, c.val_fraction)
                 sample = {"__key__": key, c.image_format: result.image, "txt": result.caption,
                           "json": json.dumps({"key": key, "split": split, **result.info}).encode()}
@@ -337,6 +350,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
             "written_val": written["val"],
             "rejected": sum(rejected.values()),
             **{f"rejected_{r}": rejected[r] for r in REJECT_REASONS},
+            "captions_truncated": flagged["captions_truncated"], "captions_not_utf8": flagged["captions_not_utf8"],
             "bytes": nbytes,
             "images_per_s": round(read / elapsed, 1),
         }

@@ -156,3 +156,28 @@ def test_duplicate_producer_keys_are_counted_not_merged(tmp_path, store, small_c
     art = shard.run(small_config(f"shard.source={src}", "shard.val_fraction=0", "shard.dedupe=false"), {}, store)
     assert sorted(_samples(art)) == ["000000001", "000000002", "000000003"]
     assert art.manifest.metrics["rejected_duplicate_key"] == 1
+
+
+def test_odd_inputs_are_converted_or_counted(tmp_path, store, small_config):
+    import numpy as np
+
+    src = tmp_path / "odd"
+    src.mkdir()
+    grey = np.full((40, 40), 30000, np.uint16)  # a mid-grey 16-bit PNG
+    Image.fromarray(grey).save(src / "deep.png")
+    (src / "deep.txt").write_text("a grey square")
+    (src / "my.photo.jpg").write_bytes(_jpg((0, 0, 200)))  # a dotted name keeps its whole stem
+    (src / "my.photo.txt").write_text("a blue photo")
+    (src / "long.jpg").write_bytes(_jpg((200, 0, 0)))
+    (src / "long.txt").write_text("red " * 5000)
+    (src / "latin.jpg").write_bytes(_jpg((0, 200, 0)))
+    (src / "latin.txt").write_bytes("un caf\xe9 vert".encode("latin-1"))
+    art = shard.run(small_config(f"shard.source={src}", "shard.val_fraction=0", "shard.max_caption_chars=100"),
+                    {}, store)
+    got = _samples(art)
+    assert sorted(got) == ["deep", "latin", "long", "my_photo"]
+    assert abs(np.asarray(got["deep"]["image"]).mean() - 30000 / 65535 * 255) < 2  # not clipped to white
+    assert len(got["long"]["caption"]) == 100 and got["my_photo"]["caption"] == "a blue photo"
+    assert got["latin"]["caption"] == "un caf\ufffd vert"
+    m = art.manifest.metrics
+    assert m["captions_truncated"] == 1 and m["captions_not_utf8"] == 1 and m["written"] == 4
