@@ -24,6 +24,7 @@ from muse.config import ConfigError, PipelineConfig, load_config
 from muse.errors import UserError
 
 from .dag import FULL_TRAIN, PRODUCER, STAGES, TARGETS, preflight, stages_for, upstream_stages
+from .policy import DeploymentPolicy
 
 
 class MissingInput(UserError, RuntimeError):
@@ -123,6 +124,9 @@ def muse(
     """
     logger = get_run_logger()
     try:
+        policy = DeploymentPolicy.from_env()  # set by `muse serve`: what a deployment caller may choose
+        if policy is not None:
+            store = policy.check(store, source, config_file, list(overrides or []))
         force = list(force or [])
         for name in force:
             if name not in STAGES:

@@ -253,7 +253,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from muse.flows.deployments import serve
 
-    serve(store=args.store, preset=args.preset)
+    serve(store=args.store, preset=args.preset, sources=tuple(args.allow_source), overrides=tuple(args.allow_set))
     return 0
 
 
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("artifacts", help="list, show and verify stored artifacts")
     asub = p.add_subparsers(dest="artifacts_command", required=True, metavar="ACTION")
-    p = asub.add_parser("ls", help="list artifacts, oldest first")
+    p = asub.add_parser("ls", help="list artifacts by kind, oldest first within a kind")
     p.add_argument("kind", nargs="?", help="only this kind")
     _store_arg(p)
     p.set_defaults(func=cmd_artifacts_ls)
@@ -334,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="register and serve deployments muse/full-train and muse/<stage> "
                        "(needs a Prefect API server; see infra/)")
     p.add_argument("--preset", default="tiny", help="default preset of the deployments' runs")
+    p.add_argument("--allow-source", metavar="DIR", action="append", default=[],
+                   help="a folder runs may read a source from (repeatable; default: the demo data only)")
+    p.add_argument("--allow-set", metavar="KEY", action="append", default=[],
+                   help="a config key (or section prefix, e.g. train_base.train) runs may override (repeatable; "
+                   "default: none)")
     _store_arg(p)
     p.set_defaults(func=cmd_serve)
     return parser
