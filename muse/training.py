@@ -129,6 +129,10 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+class TrainingDiverged(UserError, FloatingPointError):
+    """Losses or weights stopped being finite (a learning rate too high, bad data); the last good checkpoint stays."""
+
+
 class TrainLoop:
     """Runs an Objective for `cfg.steps` optimizer steps, checkpointing into `work_dir`."""
 
@@ -172,7 +176,7 @@ class TrainLoop:
         for k, m in self.objective.modules.items():
             if not all(bool(torch.isfinite(p).all()) for p in m.parameters()):
                 last = "none" if self.saved_step is None else f"step {self.saved_step}"
-                raise FloatingPointError(f"{self.name}: {k} weights are not finite after step {self.step}; training "
+                raise TrainingDiverged(f"{self.name}: {k} weights are not finite after step {self.step}; training "
                                          f"stopped, last good checkpoint: {last} ({self.checkpoint_path})")
         state = {
             "step": self.step, "position": self.position, "rng": _rng_state(),
@@ -294,7 +298,7 @@ class TrainLoop:
                 for k, value in values.items():  # before any checkpoint of this step: the one on disk stays good
                     if not math.isfinite(value):
                         last = "none" if self.saved_step is None else f"step {self.saved_step}"
-                        raise FloatingPointError(
+                        raise TrainingDiverged(
                             f"{self.name}: non-finite {k} ({value}) at step {self.step}; "
                             f"training stopped, last good checkpoint: {last} ({self.checkpoint_path})"
                         )

@@ -98,3 +98,22 @@ def test_a_tampered_input_is_refused_not_used(prefect_api, store):
     with pytest.raises(FailedRun, match=r"^segment: .*train/000000.tar: sha256 mismatch"):
         _run(store, "segment")
     assert store.kinds() == ["shards"]
+
+
+def test_an_up_to_date_rerun_only_reads_so_a_read_only_store_works(prefect_api, tmp_path):
+    """A store mounted read-only (a shared volume, a published store): a rerun that reuses everything writes nothing."""
+    import shutil
+    import subprocess
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "none", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root in a namespace that allows mounts)")
+    try:
+        store = ArtifactStore(mount / "store")
+        first = _run(store, "shard")
+        shutil.rmtree(store.root / ".locks")  # as a store written elsewhere would arrive
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        assert _run(store, "shard") == first
+    finally:
+        subprocess.run(["umount", str(mount)])

@@ -95,6 +95,9 @@ def test_tampered_files_are_refused_on_read(store):
     (a.path / "data.bin").write_bytes(bytes(data))  # same size, new mtime
     with pytest.raises(ArtifactError, match=r"data.bin: sha256 mismatch"):
         store.check(store.get("shards"))
+    (a.path / "data.bin").unlink()  # a deleted weights file: one line, before any worker loads it
+    with pytest.raises(ArtifactError, match=r"data.bin: missing"):
+        store.check(store.get("shards"))
 
 
 def test_lineage_and_missing(store):

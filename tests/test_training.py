@@ -138,6 +138,23 @@ def test_a_rerun_after_the_last_step_reports_the_same_figures(tmp_path):
     assert again.run(data) == figures and again.step == 6 and "rec" in figures
 
 
+def test_a_failed_checkpoint_write_names_the_path_and_keeps_the_last_one(tmp_path, monkeypatch):
+    cfg = TrainConfig(steps=4, batch_size=2, checkpoint_every=2, warmup_steps=0)
+    loop = TrainLoop(cfg, _Exploding(), tmp_path, "full")
+    real_save = torch.save
+
+    def save(obj, path, *a, **k):
+        if obj["step"] == 4:  # the disk fills up before the second checkpoint
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError, match=r"full: could not write checkpoint .*checkpoint.tmp \(\d+ MiB free there\)"):
+        loop.run(lambda pos: iter(lambda: torch.ones(2, 2), None))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "checkpoint.tmp").exists()
+
+
 def test_warmup_then_cosine():
     f = lr_lambda(TrainConfig(steps=110, warmup_steps=10))
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
