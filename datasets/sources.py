@@ -364,10 +364,12 @@ def _open(url: str):
 def webdataset_items(source: str) -> Iterator[Item]:
     """Stream tars member by member (gzip too), grouping consecutive members by key (as webdataset does).
 
-    An unreadable tar, or the sample a truncated tar breaks off in, becomes a rejected item."""
+    An unreadable tar, or the sample a truncated tar breaks off in, becomes a rejected item; when the producer
+    said how many samples the tar holds (img2dataset's `NAME_stats.json`), every sample lost after the break
+    is counted too."""
     for url in tar_urls(source):
         name = url.rstrip("/").rsplit("/", 1)[-1]
-        key, files = None, {}
+        key, files, done = None, {}, 0
         try:
             with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
                 for m in tf:
@@ -376,15 +378,49 @@ def webdataset_items(source: str) -> Iterator[Item]:
                     m_key, ext = _key_of(Path(m.name))
                     if m_key != key and files:
                         yield _tar_sample(name, key, files)
-                        files = {}
+                        files, done = {}, done + 1
                     key = m_key
                     files[ext] = tf.extractfile(m).read()
         except (OSError, EOFError, tarfile.TarError) as e:
             reason = "truncated" if key is not None else "unreadable"
-            yield BytesItem(RawSample(f"{name}:{key or '?'}", reject=reason, detail=f"{url}: {e}"))
+            lost = max(1, _producer_count(url) - done) if reason == "truncated" else 1
+            yield from _lost(name, key, reason, f"{url}: {e}", lost)
             continue
         if files:
             yield _tar_sample(name, key, files)
+            done += 1
+        # tarfile ends a stream cut inside a header quietly, as if the archive were shorter
+        lost = max(_producer_count(url) - done, 0 if _ends_whole(url) else 1)
+        if lost:
+            yield from _lost(name, key, "truncated", f"{url}: the tar ends early after {done} samples", lost)
+
+
+def _lost(tar_name: str, key: str | None, reason: str, detail: str, count: int) -> Iterator[BytesItem]:
+    """`count` rejected items for samples a broken tar lost (each counts once in the manifest)."""
+    for i in range(count):
+        yield BytesItem(RawSample(f"{tar_name}:{key or '?'}" + (f"+{i}" if i else ""), reject=reason,
+                                  detail=detail + (f" ({count} samples lost)" if count > 1 else "")))
+
+
+def _ends_whole(url: str) -> bool:
+    """A local uncompressed tar ends on a block boundary with its end-of-archive zero blocks (others: assumed)."""
+    if is_url(url) or not url.endswith(".tar"):
+        return True
+    size = os.path.getsize(url)
+    if size % 512 or size < 1024:
+        return False
+    with open(url, "rb") as f:
+        f.seek(size - 1024)
+        return not f.read(1024).strip(b"\0")
+
+
+def _producer_count(url: str) -> int:
+    """Samples img2dataset says a local tar holds (`successes` in its `NAME_stats.json`), else 0 (unknown)."""
+    stats = Path(url.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar") + "_stats.json")
+    try:
+        return int(json.loads(stats.read_text())["successes"]) if not is_url(url) and stats.is_file() else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _tar_sample(tar_name: str, key: str, files: dict[str, bytes]) -> BytesItem:

@@ -181,3 +181,25 @@ def test_odd_inputs_are_converted_or_counted(tmp_path, store, small_config):
     assert got["latin"]["caption"] == "un caf\ufffd vert"
     m = art.manifest.metrics
     assert m["captions_truncated"] == 1 and m["captions_not_utf8"] == 1 and m["written"] == 4
+
+
+def test_samples_lost_in_a_truncated_tar_are_counted_when_the_producer_said_how_many(tmp_path, store, small_config):
+    src = tmp_path / "tars"
+    src.mkdir()
+    data = _tar(src / "00000.tar", [f"{i:09d}" for i in range(6)])
+    (src / "00000.tar").write_bytes(data[: len(data) // 3])  # the download broke off
+    (src / "00000_stats.json").write_text(json.dumps({"successes": 6, "count": 6}))
+    _tar(src / "00001.tar", ["000000100"])
+    art = shard.run(small_config(f"shard.source={src}", "shard.val_fraction=0", "shard.dedupe=false"), {}, store)
+    m = art.manifest.metrics
+    assert m["written"] + m["rejected_truncated"] == 7 and m["rejected_truncated"] >= 4
+
+
+def test_a_caption_that_is_not_text_is_rejected_not_stored_as_its_repr(tmp_path, store, small_config):
+    (tmp_path / "a.jpg").write_bytes(_jpg((5, 5, 5)))
+    (tmp_path / "b.jpg").write_bytes(_jpg((50, 5, 5)))
+    rows = [{"file_name": "a.jpg", "text": ["a", "list"]}, {"file_name": "b.jpg", "text": "fine"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    art = shard.run(small_config(f"shard.source={tmp_path / 'metadata.jsonl'}", "shard.val_fraction=0"), {}, store)
+    assert [s["caption"] for s in _samples(art).values()] == ["fine"]
+    assert art.manifest.metrics["rejected_no_caption"] == 1
