@@ -241,7 +241,8 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
         if scene.present:
             models["seg"] = str(inputs["vqseg"].path)
         ds = ray.data.from_items(items).map_batches(
-            ShardEncoder, batch_size=1, concurrency=c.concurrency, num_gpus=gpus, num_cpus=c.cpus_per_actor,
+            ShardEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=c.concurrency), num_gpus=gpus,
+            num_cpus=c.cpus_per_actor,
             fn_constructor_kwargs={"models": models, "config": c, "num_labels": len(space),
                                    "out_dir": str(out.path), "geometry": geometry, "text": text,
                                    "device": "cuda" if gpus > 0 else "cpu"})

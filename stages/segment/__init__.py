@@ -223,7 +223,8 @@ def _segment_split(config: PipelineConfig, names: tuple[str, ...], paths: list[P
         ds = ds.map_batches(
             SegmenterActor,
             fn_constructor_kwargs={"name": name, "config": c, "device": "cuda" if gpus > 0 else "cpu"},
-            batch_size=c.batch_size, batch_format="numpy", concurrency=c.concurrency, num_gpus=gpus, num_cpus=cpus,
+            batch_size=c.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=c.concurrency),
+            num_gpus=gpus, num_cpus=cpus,
         )
     ds = ds.map_batches(finish, fn_kwargs={"names": list(names), "dataset_classes": list(c.dataset_classes)},
                         batch_size=c.batch_size, batch_format="numpy")
