@@ -22,6 +22,7 @@ from muse.artifacts.remote import open_store
 from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact
 from muse.config import ConfigError, PipelineConfig, load_config
 from muse.errors import UserError
+from muse.stage import output_versions
 
 from .dag import FULL_TRAIN, PRODUCER, STAGES, TARGETS, preflight, stages_for, upstream_stages
 from .policy import DeploymentPolicy
@@ -74,14 +75,15 @@ def _run_stage(name: str, config: PipelineConfig, store_root: str, upstream: lis
     produced = {k: v for refs in upstream for k, v in refs.items()}
     inputs = resolve_inputs(name, store, produced, pinned)
     input_versions = {kind: a.version for kind, a in inputs.items()}
-    version = store.version_of(name, stage.config_of(config), input_versions, stage.CODE_VERSION)
-    with store.producing(name, version):  # an identical run elsewhere finishes first; this one then reuses it
-        return _produce(name, stage, config, store, inputs, input_versions, version, force, logger)
+    versions = output_versions(stage, config, input_versions)
+    key = "-".join(versions[kind] for kind in stage.OUTPUTS)
+    with store.producing(name, key):  # an identical run elsewhere finishes first; this one then reuses it
+        return _produce(name, stage, config, store, inputs, input_versions, versions, force, logger)
 
 
-def _produce(name, stage, config, store, inputs, input_versions, version, force, logger) -> dict[str, str]:
-    if not force and all(store.has(kind, version) for kind in stage.OUTPUTS):
-        outputs = [store.get(kind, version) for kind in stage.OUTPUTS]
+def _produce(name, stage, config, store, inputs, input_versions, versions, force, logger) -> dict[str, str]:
+    if not force and all(store.has(kind, versions[kind]) for kind in stage.OUTPUTS):
+        outputs = [store.get(kind, versions[kind]) for kind in stage.OUTPUTS]
         for a in outputs:
             store.set_latest(a.kind, a.version)
             logger.info("%s: up to date, reusing %s", name, a.manifest.label)
@@ -90,14 +92,17 @@ def _produce(name, stage, config, store, inputs, input_versions, version, force,
 
     if force:
         for kind in stage.OUTPUTS:
-            store.clear_work(kind, version)
-    logger.info("%s: producing %s at version %s from %s", name, ", ".join(stage.OUTPUTS), version,
+            store.clear_work(kind, versions[kind])
+    logger.info("%s: producing %s from %s", name, ", ".join(f"{k}:{v}" for k, v in versions.items()),
                 ", ".join(f"{k}:{v}" for k, v in input_versions.items()) or "no inputs")
     result = stage.run(config, inputs, store)
     outputs = [result] if isinstance(result, Artifact) else list(result)
     kinds = sorted(a.kind for a in outputs)
     if kinds != sorted(stage.OUTPUTS):
         raise RuntimeError(f"stage {name} returned {kinds}, expected {sorted(stage.OUTPUTS)}")
+    for a in outputs:
+        if a.version != versions[a.kind]:  # the stage and the flow must agree, or reruns would never be up to date
+            raise RuntimeError(f"stage {name} committed {a.ref}, but its version should be {versions[a.kind]}")
     for a in outputs:
         logger.info("%s: wrote %s (%d files) with metrics %s", name, a.manifest.label, len(a.manifest.files),
                     a.manifest.metrics)

@@ -198,6 +198,11 @@ class TrainConfig(Section):
     peak_tflops: float | None = Field(None, gt=0, description="Dense peak of one accelerator in TFLOP/s (H100 SXM "
                                       "bf16: 989) for the logged MFU; None = no MFU figure.")
 
+    def versioned(self) -> dict:
+        """The knobs that change what is trained, for an artifact's version: how often it logs or checkpoints,
+        the MFU peak and compiling (the same math, fused) leave the weights alone."""
+        return self.model_dump(mode="json", exclude={"log_every", "checkpoint_every", "peak_tflops", "compile"})
+
 
 # ----------------------------------------------------------------------------- stages
 

@@ -38,7 +38,9 @@ log = logging.getLogger("muse.stages.finetune_decoder")
 
 
 def config_of(config: PipelineConfig) -> dict:
-    return config.finetune_decoder.model_dump(mode="json")
+    """The decoder's shape, losses and the training knobs that change its weights."""
+    c = config.finetune_decoder
+    return c.model_dump(mode="json") | {"train": c.train.versioned()}
 
 
 def tokenizer_digest(model: VQModel) -> str:

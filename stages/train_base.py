@@ -15,8 +15,10 @@ CODE_VERSION = "2"  # 2: masks and condition dropout from the stage's own genera
 
 
 def config_of(config: PipelineConfig) -> dict:
-    """The model and training config, and the text encoder when embeddings are computed at training time."""
-    return {"train_base": config.train_base.model_dump(mode="json"),
+    """The model and training config (the knobs that change the weights), and the text encoder when embeddings are
+    computed at training time."""
+    c = config.train_base
+    return {"train_base": c.model_dump(mode="json") | {"train": c.train.versioned()},
             "text_encoder": config.tokenize.text_encoder.model_dump(mode="json")}
 
 

@@ -16,8 +16,10 @@ CODE_VERSION = "2"  # 2: masks and condition dropout from the stage's own genera
 
 
 def config_of(config: PipelineConfig) -> dict:
-    """The model and training config, and the text encoder when embeddings are computed at training time."""
-    return {"train_superres": config.train_superres.model_dump(mode="json"),
+    """The model and training config (the knobs that change the weights), and the text encoder when embeddings are
+    computed at training time."""
+    c = config.train_superres
+    return {"train_superres": c.model_dump(mode="json") | {"train": c.train.versioned()},
             "text_encoder": config.tokenize.text_encoder.model_dump(mode="json")}
 
 

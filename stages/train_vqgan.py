@@ -34,22 +34,37 @@ from muse.datasets.segments import details as scene_details
 from muse.datasets.segments import scene_maps_of
 from muse.datasets.stream import batches, iter_tar, sample_stream
 from muse.models.vqgan import PatchDiscriminator, VQModel, adaptive_weight, hinge_d_loss, save_pretrained
+from muse.stage import OutputSpec
 from muse.training import TrainLoop, seed_everything
 
 NAME = "train-vqgan"
 INPUTS: tuple[str, ...] = ("shards", "segments")
 OUTPUTS: tuple[str, ...] = ("vqgan-low", "vqgan-high", "vqseg")
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: one version per tokenizer
 
 log = logging.getLogger("muse.stages.train_vqgan")
 
 
 def config_of(config: PipelineConfig) -> dict:
-    """The tokenizers' config (each with the knobs its quantizer and architecture read) plus the label space
-    the scene tokenizer one-hots into."""
+    """The whole section, for the record; each output is versioned on its own part (`outputs`)."""
+    return {"train_vqgan": config.train_vqgan.model_dump(mode="json"),
+            "dataset_classes": list(config.segment.dataset_classes)}
+
+
+def outputs(config: PipelineConfig, input_versions: dict[str, str]) -> dict[str, OutputSpec]:
+    """Each tokenizer is versioned on what it reads: its own model knobs (those its quantizer and architecture
+    read), its loop settings and losses, and its data. The image tokenizers read `shards` only, so re-segmenting
+    or changing the scene tokenizer leaves them (and everything made from them) as they are."""
     c = config.train_vqgan
-    section = c.model_dump(mode="json") | {name: getattr(c, name).versioned() for name in ("low", "high", "seg")}
-    return {"train_vqgan": section, "dataset_classes": list(config.segment.dataset_classes)}
+    image = {"shards": input_versions["shards"]}
+    specs = {kind: OutputSpec({"tokenizer": getattr(c, name).versioned(), "loss": c.loss.model_dump(mode="json"),
+                               "train": c.train_for(name).versioned()}, image)
+             for kind, name in (("vqgan-low", "low"), ("vqgan-high", "high"))}
+    specs["vqseg"] = OutputSpec({"tokenizer": c.seg.versioned(), "train": c.train_for("seg").versioned(),
+                                 "face_class_weight": c.face_class_weight,
+                                 "dataset_classes": list(config.segment.dataset_classes)},
+                                {"segments": input_versions["segments"]})
+    return specs
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -218,10 +233,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     """Train and commit vqgan-low, vqgan-high and vqseg (each skipped if already committed at this version)."""
     c = config.train_vqgan
     shards, segments = inputs["shards"], inputs["segments"]
-    input_versions = {"shards": shards.version, "segments": segments.version}
-    create_kwargs = {"stage": NAME, "config": config_of(config), "inputs": input_versions,
-                     "code_version": CODE_VERSION}
-    version = store.version_of(NAME, config_of(config), input_versions, CODE_VERSION)
+    specs = outputs(config, {"shards": shards.version, "segments": segments.version})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     perceptual = None
     if c.loss.vgg_weights and c.loss.perceptual_weight:
@@ -236,6 +248,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
 
     out = []
     for kind, tokenizer, model_cfg in (("vqgan-low", "low", c.low), ("vqgan-high", "high", c.high)):
+        version, create_kwargs = specs[kind].version(NAME, CODE_VERSION), specs[kind].create_kwargs(NAME, CODE_VERSION)
         if store.has(kind, version):
             out.append(store.get(kind, version))
             continue
@@ -248,6 +261,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
                               store, create_kwargs, 3, {"input": "rgb in [-1, 1]"}))
 
     scene = scene_maps_of(segments)
+    version, create_kwargs = specs["vqseg"].version(NAME, CODE_VERSION), specs["vqseg"].create_kwargs(NAME, CODE_VERSION)
     if store.has("vqseg", version):
         out.append(store.get("vqseg", version))
     elif not scene.present:

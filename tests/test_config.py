@@ -80,12 +80,12 @@ def test_dump_round_trips():
 
 
 def test_a_tokenizer_knob_its_quantizer_or_architecture_ignores_leaves_the_version_alone():
-    from muse.artifacts.store import ArtifactStore
+    from muse.stage import output_versions
     from muse.stages import train_vqgan
 
     def version(*overrides):
         cfg = load_config("tiny", overrides=list(overrides))
-        return ArtifactStore.version_of("train-vqgan", train_vqgan.config_of(cfg), {}, train_vqgan.CODE_VERSION)
+        return output_versions(train_vqgan, cfg, {"shards": "s", "segments": "g"})["vqgan-low"]
 
     fsq = ("train_vqgan.low.quantizer=fsq", "train_vqgan.low.codebook_size=1000")
     assert version(*fsq) == version(*fsq, "train_vqgan.low.kmeans_init=false", "train_vqgan.low.code_dim=8")
@@ -95,3 +95,32 @@ def test_a_tokenizer_knob_its_quantizer_or_architecture_ignores_leaves_the_versi
     assert version() == version("train_vqgan.low.mid_block=false")  # vqvae (the tiny preset) has no middle block
     assert version("train_vqgan.low.arch=taming") != version("train_vqgan.low.arch=taming",
                                                              "train_vqgan.low.mid_block=false")
+
+
+def test_each_tokenizer_is_versioned_on_what_it_reads():
+    """Re-segmenting or changing the scene tokenizer leaves the image tokenizers (and what is made from them)
+    alone; changing one image tokenizer leaves the other; knobs that do not change weights change no version."""
+    from muse.stage import output_versions
+    from muse.stages import train_base, train_vqgan
+
+    def versions(*overrides, segments="g"):
+        return output_versions(train_vqgan, load_config("tiny", overrides=list(overrides)),
+                               {"shards": "s", "segments": segments})
+
+    base = versions()
+    assert len(set(base.values())) == 3
+    for changed in (versions("train_vqgan.seg.codebook_size=64"), versions(segments="other"),
+                    versions("train_vqgan.overrides.seg.steps=9")):
+        assert changed["vqgan-low"] == base["vqgan-low"] and changed["vqgan-high"] == base["vqgan-high"]
+        assert changed["vqseg"] != base["vqseg"]
+    high = versions("train_vqgan.high.codebook_size=128")
+    assert high["vqgan-low"] == base["vqgan-low"] and high["vqgan-high"] != base["vqgan-high"]
+    assert versions("train_vqgan.train.log_every=7", "train_vqgan.train.checkpoint_every=9") == base
+    assert versions("train_vqgan.loss.l1_weight=2")["vqseg"] == base["vqseg"]  # the scene tokenizer has no such loss
+
+    def base_version(*overrides):
+        return output_versions(train_base, load_config("tiny", overrides=list(overrides)), {"tokens": "t"})["base"]
+
+    assert base_version("train_base.train.checkpoint_every=7", "train_base.train.compile=true",
+                        "train_base.train.peak_tflops=989") == base_version()
+    assert base_version("train_base.train.lr=0.01") != base_version()

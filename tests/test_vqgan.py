@@ -131,7 +131,9 @@ def test_stage_trains_all_three_tokenizers(ray_local, store, small_config):
     segments = segment.run(cfg, {"shards": shards}, store)
     arts = {a.kind: a for a in train_vqgan.run(cfg, {"shards": shards, "segments": segments}, store)}
     assert set(arts) == {"vqgan-low", "vqgan-high", "vqseg"}
-    assert len({a.version for a in arts.values()}) == 1
+    assert len({a.version for a in arts.values()}) == 3  # each tokenizer versioned on what it reads
+    assert arts["vqgan-low"].manifest.inputs == {"shards": shards.version}
+    assert arts["vqseg"].manifest.inputs == {"segments": segments.version}
     for kind, a in arts.items():
         m = a.manifest.metrics
         assert m["steps"] == 6 and m["val_samples"] > 0 and 0 < m["codebook_usage"] <= 1 and m["perplexity"] >= 1
