@@ -27,7 +27,7 @@ from timing import device_and_autocast
 from muse.config import PipelineConfig, load_config
 from muse.models.transformer import MaskedTransformer, TransformerSpec
 from muse.models.vqgan import LatentDecoder, VQModel
-from muse.sampling import SamplerConfig, decode
+from muse.sampling import decode
 
 # hidden size of the text encoders the presets name (the embeddings are random here)
 TEXT_WIDTH = {"minilm": 384, "google/t5-v1_1-xxl": 4096, "google/t5-v1_1-xl": 2048,
@@ -72,9 +72,7 @@ def time_pipeline(cfg: PipelineConfig, superres: bool, batch: int, repeats: int,
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(batch, length, width, generator=g).to(device)
     mask = (torch.arange(length)[None] < torch.randint(4, length + 1, (batch, 1), generator=g)).to(device)
-    ev = cfg.evaluate
-    base_cfg = SamplerConfig(steps=ev.steps, guidance_scale=ev.guidance_scale)
-    sr_cfg = SamplerConfig(steps=ev.superres_steps, guidance_scale=ev.superres_guidance_scale)
+    base_cfg, sr_cfg = cfg.sampling.base, cfg.sampling.superres
 
     def sync():
         if device.type == "cuda":
@@ -127,12 +125,12 @@ def main() -> None:
     for preset in presets:
         cfg = load_config(preset)
         superres = preset != "muse-256"  # muse-256 stops at the base; the others go to the high resolution
-        ev = cfg.evaluate
+        sampling = cfg.sampling
         for batch in args.batches:
             (t_base, t_sr, t_pixels), side = time_pipeline(cfg, superres, batch, args.repeats, device, dtype)
             total = t_base + t_sr + t_pixels
-            line = (f"{preset:9s} {side} px batch {batch}: {total * 1e3:8.1f} ms = base {ev.steps} steps "
-                    f"{t_base * 1e3:.1f} + super-res {ev.superres_steps if superres else 0} steps {t_sr * 1e3:.1f} "
+            line = (f"{preset:9s} {side} px batch {batch}: {total * 1e3:8.1f} ms = base {sampling.base.steps} steps "
+                    f"{t_base * 1e3:.1f} + super-res {sampling.superres.steps if superres else 0} steps {t_sr * 1e3:.1f} "
                     f"+ pixels {t_pixels * 1e3:.1f} ms; {batch / total:.2f} images/s")
             if side in PAPER_SECONDS:
                 line += f" | paper (Muse-3B, TPUv4) {PAPER_SECONDS[side]} s per image"

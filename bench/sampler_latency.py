@@ -27,7 +27,8 @@ import torch
 from timing import device_and_autocast
 
 from muse.models.transformer import MaskedTransformer, TransformerSpec
-from muse.sampling import SamplerConfig, decode
+from muse.config import SamplerConfig
+from muse.sampling import decode
 
 # name: (dim, depth, heads, token side, steps)
 SIZES = {

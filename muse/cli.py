@@ -26,14 +26,38 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one key, e.g. --set train_base.train.steps=100 (repeatable)")
 
 
-def _sampling_args(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument("--steps", type=int, default=steps, help=f"base sampling steps (default {steps})")
-    p.add_argument("--superres-steps", type=int, default=8, help="super-res sampling steps (default 8)")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="final CFG scale t (default 3.0)")
-    p.add_argument("--superres-guidance-scale", type=float, default=None,
-                   help="final CFG scale of the super-res pass (default: --guidance-scale)")
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """Sampler flags; each defaults to the setting the trained transformers recorded (`sampling` in config)."""
+    trained = " (default: what the model was trained with)"
+    p.add_argument("--steps", type=int, help="base sampling steps" + trained)
+    p.add_argument("--superres-steps", type=int, help="super-res sampling steps" + trained)
+    p.add_argument("--guidance-scale", type=float, help="final CFG scale t of the base pass" + trained)
+    p.add_argument("--superres-guidance-scale", type=float, help="final CFG scale of the super-res pass" + trained)
+    p.add_argument("--guidance-schedule", choices=["linear", "constant"], help="CFG scale over the steps, both passes")
+    p.add_argument("--temperature", type=float, help="token sampling temperature (annealed to 0), both passes")
+    p.add_argument("--confidence-temperature", type=float, help="randomness of which tokens are kept, both passes")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens, both passes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-superres", action="store_true", help="decode the base tokens with vqgan-low")
+
+
+def _sampling(pipe, args: argparse.Namespace):
+    """The pipeline's sampler settings (the trained ones) with the given flags applied."""
+    from muse.config import SamplerConfig, SamplingConfig
+
+    both = {k: getattr(args, k) for k in ("guidance_schedule", "temperature", "confidence_temperature", "top_k")
+            if getattr(args, k) is not None}
+
+    def apply(current: SamplerConfig, steps, scale) -> SamplerConfig:
+        update = both | {k: v for k, v in (("steps", steps), ("guidance_scale", scale)) if v is not None}
+        try:
+            return SamplerConfig.model_validate(current.model_dump() | update)
+        except ValueError as e:
+            raise ConfigError(f"sampler flags: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+
+    s = pipe.sampling
+    return SamplingConfig(base=apply(s.base, args.steps, args.guidance_scale),
+                          superres=apply(s.superres, args.superres_steps, args.superres_guidance_scale))
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -175,6 +199,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     scene = _scene(pipe, args.scene, args.scene_edges) if args.scene else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    sampling = _sampling(pipe, args)
     groups: dict[tuple, list[dict]] = {}  # prompts sharing a seed and a negative prompt go in one batch
     for item in items:
         groups.setdefault((item.get("seed", args.seed), item.get("negative", args.negative)), []).append(item)
@@ -182,10 +207,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for i in range(0, len(group), args.batch_size):
             batch = group[i:i + args.batch_size]
             prompts = [b["prompt"] for b in batch]
-            images = pipe(prompts, negative=None if negative is None else [negative] * len(batch), steps=args.steps,
-                          superres_steps=args.superres_steps, guidance_scale=args.guidance_scale, seed=seed + i,
-                          superres_guidance_scale=args.superres_guidance_scale,
-                          superres=not args.no_superres, scene=scene)
+            images = pipe(prompts, negative=None if negative is None else [negative] * len(batch), sampling=sampling,
+                          seed=seed + i, superres=not args.no_superres, scene=scene)
             for b, img in zip(batch, images):
                 img.save(out / f"{b['id']}.png")
                 print(out / f"{b['id']}.png")
@@ -235,10 +258,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(f"--outpaint: {e}") from e
     pipe = Pipeline.from_store(_store(args))
-    tokens = edit_tokens(pipe, image, args.prompt, mask, negative=args.negative, steps=args.steps,
-                         superres_steps=args.superres_steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                         superres_guidance_scale=args.superres_guidance_scale,
-                         superres=not args.no_superres, mask_free_iterations=args.iterations,
+    tokens = edit_tokens(pipe, image, args.prompt, mask, negative=args.negative, sampling=_sampling(pipe, args),
+                         seed=args.seed, superres=not args.no_superres, mask_free_iterations=args.iterations,
                          mask_free_fraction=args.edit_fraction)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -303,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one JSON object a line: id, prompt, optional negative and seed; writes OUT/<id>.png")
     p.add_argument("--negative", help="negative prompt (replaces the unconditional logits)")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
-    _sampling_args(p, steps=24)
+    _sampling_args(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--scene", metavar="LABELMAP.png", help="lay out the images by a label map (one-channel PNG of "
                    "label-space ids); needs a base model trained with train_base.scene_conditioning")
@@ -327,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask-free: share of base tokens resampled per round (default 0.15)")
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--out", default="edited.png", help="output PNG (default: edited.png)")
-    _sampling_args(p, steps=12)
+    _sampling_args(p)
     _store_arg(p)
     p.set_defaults(func=cmd_edit)
 

@@ -409,14 +409,34 @@ class FinetuneDecoderConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
 
 
+class SamplerConfig(Section):
+    """One pass of iterative parallel decoding (`muse.sampling.decode`)."""
+
+    steps: int = Field(24, ge=1, description="Decoding steps; the masked count follows a cosine schedule.")
+    guidance_scale: float = Field(3.0, ge=0, description="Final classifier-free guidance scale t: "
+                                  "l_g = (1 + t) l_c - t l_u.")
+    guidance_schedule: Literal["linear", "constant"] = Field(
+        "linear", description="t rises linearly from 0 over the steps, or stays at guidance_scale.")
+    temperature: float = Field(1.0, ge=0, description="Temperature of the token samples, annealed linearly to 0.")
+    confidence_temperature: float = Field(4.5, ge=0, description="Randomness of which tokens are kept (MaskGIT's "
+                                          "choice temperature), annealed to 0.")
+    top_k: int | None = Field(None, ge=1, description="Sample among the k most likely tokens; None = all.")
+
+
+class SamplingConfig(Section):
+    """How images are sampled from the trained transformers, by evaluate, the training previews, the Python API
+    and `muse generate` / `muse edit`. A trained transformer records its pass, so generation defaults to the
+    settings of the run that trained it."""
+
+    base: SamplerConfig = Field(default_factory=SamplerConfig, description="The base pass (low-res tokens).")
+    superres: SamplerConfig = Field(default_factory=lambda: SamplerConfig(steps=8),
+                                    description="The super-res pass (high-res tokens from the low-res ones).")
+
+
 class EvaluateConfig(Section):
-    """Stage `evaluate`: samples and metrics over every trained artifact."""
+    """Stage `evaluate`: samples (drawn with the `sampling` section) and metrics over every trained artifact."""
 
     num_prompts: int = Field(64, ge=1, description="Val captions to generate images for.")
-    steps: int = Field(24, ge=1, description="Base sampling steps.")
-    superres_steps: int = Field(8, ge=1, description="Super-res sampling steps.")
-    guidance_scale: float = Field(3.0, ge=0, description="Final classifier-free guidance scale.")
-    superres_guidance_scale: float = Field(3.0, ge=0, description="Final guidance scale of the super-res pass.")
     batch_size: int = Field(16, ge=1, description="Prompts generated per batch.")
     seed: int = Field(0, description="Sampling seed (same seed, same images).")
     clip_model: str = Field("ViT-B-32", description="open_clip model for the CLIP score.")
@@ -441,6 +461,7 @@ class PipelineConfig(Section):
     finetune_decoder: FinetuneDecoderConfig = Field(
         default_factory=FinetuneDecoderConfig, description="Stage finetune-decoder."
     )
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampler settings.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage evaluate.")
 
     @property

@@ -13,17 +13,16 @@ the mask and over every base token that changed, which are resampled given the e
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from muse.config import SamplingConfig
 from muse.datasets.labels import boundaries
 from muse.generate import Pipeline
 from muse.models.vqgan import VQModel
-from muse.sampling import SamplerConfig, guided_logits
+from muse.sampling import guided_logits
 
 OUTPAINT_SIDES = ("all", "left", "right", "top", "bottom")
 
@@ -117,13 +116,15 @@ def _low_to_high(changed: torch.Tensor, low_side: int, high_side: int) -> torch.
 
 @torch.no_grad()
 def edit_tokens(pipe: Pipeline, image: Image.Image, prompt: str, mask: Image.Image | None = None,
-                negative: str | None = None, steps: int = 12, superres_steps: int = 8, guidance_scale: float = 3.0,
-                seed: int = 0, superres: bool = True, mask_free_iterations: int = 6,
-                superres_guidance_scale: float | None = None,
-                mask_free_fraction: float = 0.15, sampler: SamplerConfig | None = None) -> dict[str, torch.Tensor]:
-    """Edited token grids of one image: inpaint where `mask` is white, or edit mask-free when `mask` is None.
+                negative: str | None = None, seed: int = 0, superres: bool = True, mask_free_iterations: int = 6,
+                mask_free_fraction: float = 0.15, sampling: SamplingConfig | None = None, steps: int | None = None,
+                superres_steps: int | None = None, guidance_scale: float | None = None,
+                superres_guidance_scale: float | None = None) -> dict[str, torch.Tensor]:
+    """Edited token grids of one image: inpaint where `mask` is white, or edit mask-free when `mask` is None,
+    sampled with `pipe.resolve_sampling(sampling, steps, ...)` (mask-free splits the base steps over its rounds).
     Returns tokens_low (and tokens_high with super-res) plus the original grids as `original_low/high`."""
-    sampler = replace(sampler or SamplerConfig(), guidance_scale=guidance_scale)
+    sampling = pipe.resolve_sampling(sampling, steps, superres_steps, guidance_scale, superres_guidance_scale)
+    sampler, steps = sampling.base, sampling.base.steps
     gen = torch.Generator(pipe.device).manual_seed(seed)
     neg = None if negative is None else [negative]
     low_side = pipe.vq_low.cfg.token_side
@@ -131,8 +132,7 @@ def edit_tokens(pipe: Pipeline, image: Image.Image, prompt: str, mask: Image.Ima
     mask_id = pipe.base.spec.mask_id
     if mask is not None:
         edit = token_mask(mask, low_side).to(pipe.device)
-        low = pipe._tokens(pipe.base, [prompt], neg, replace(sampler, steps=steps), gen,
-                           tokens=original_low.masked_fill(edit, mask_id))
+        low = pipe._tokens(pipe.base, [prompt], neg, sampler, gen, tokens=original_low.masked_fill(edit, mask_id))
     else:
         if not 0 < mask_free_fraction < 1:
             raise ValueError(f"mask_free_fraction must be in (0, 1), got {mask_free_fraction}")
@@ -140,10 +140,10 @@ def edit_tokens(pipe: Pipeline, image: Image.Image, prompt: str, mask: Image.Ima
         k = max(1, round(mask_free_fraction * low.shape[1]))
         per_round = max(2, steps // max(1, mask_free_iterations))
         for _ in range(mask_free_iterations):
-            score = token_log_likelihood(pipe, pipe.base, low, prompt, negative, guidance_scale, gen)
+            score = token_log_likelihood(pipe, pipe.base, low, prompt, negative, sampler.guidance_scale, gen)
             worst = torch.zeros_like(low, dtype=torch.bool)
             worst[0, score[0].argsort()[:k]] = True
-            low = pipe._tokens(pipe.base, [prompt], neg, replace(sampler, steps=per_round), gen,
+            low = pipe._tokens(pipe.base, [prompt], neg, sampler.model_copy(update={"steps": per_round}), gen,
                                tokens=low.masked_fill(worst, mask_id))
     out = {"tokens_low": low, "original_low": original_low}
     if superres and pipe.superres is not None:
@@ -155,8 +155,6 @@ def edit_tokens(pipe: Pipeline, image: Image.Image, prompt: str, mask: Image.Ima
         out["original_high"] = original_high
         out["tokens_high"] = original_high
         if redo.any():
-            sr_scale = guidance_scale if superres_guidance_scale is None else superres_guidance_scale
-            sr_sampler = replace(sampler, steps=superres_steps, guidance_scale=sr_scale)
-            out["tokens_high"] = pipe._tokens(pipe.superres, [prompt], neg, sr_sampler,
+            out["tokens_high"] = pipe._tokens(pipe.superres, [prompt], neg, sampling.superres,
                                               gen, cond=low, tokens=original_high.masked_fill(redo, mask_id))
     return out

@@ -2,23 +2,23 @@
 
 `Pipeline.from_store(store)` loads `base`, `superres` (when present), the tokenizers named in
 their configs, the text encoder they were trained with, and the `decoder` artifact when one
-was finetuned for that `vqgan-high` version. `lineage` says which versions produced an image.
+was finetuned for that `vqgan-high` version. `lineage` says which versions produced an image;
+`sampling` holds the sampler settings the transformers were trained with, the default of
+every call.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 from PIL import Image
 
 from muse.artifacts.store import Artifact, ArtifactStore
-from muse.config import TextEncoderConfig
+from muse.config import SamplerConfig, SamplingConfig, TextEncoderConfig
 from muse.distributed import autocast
 from muse.models.text import load_text_encoder
 from muse.models.transformer import MaskedTransformer, load_transformer
 from muse.models.vqgan import from_pretrained, load_decoder
-from muse.sampling import SamplerConfig, decode
+from muse.sampling import decode
 
 
 def to_images(x: torch.Tensor) -> list[Image.Image]:
@@ -36,6 +36,7 @@ class Pipeline:
         base = pins.get("base") or store.get("base")
         self.base, config = load_transformer(base.path)
         self.base.to(self.device)
+        self.sampling = SamplingConfig(base=_recorded_sampler(config, SamplingConfig().base))
         self.lineage = {"base": base.version}
         self.text = load_text_encoder(TextEncoderConfig.model_validate(config["text_encoder"]), self.device)
         self.max_length = config["text"]["max_length"] if config["text"] else self.text.max_length
@@ -53,6 +54,8 @@ class Pipeline:
             sr = pins.get("superres") or store.get("superres")
             self.superres, sr_config = load_transformer(sr.path)
             self.superres.to(self.device)
+            self.sampling = self.sampling.model_copy(
+                update={"superres": _recorded_sampler(sr_config, SamplingConfig().superres)})
             high = store.resolve(sr_config["tokenizers"]["tokens_high"])
             self.vq_high = from_pretrained(high.path).to(self.device)
             self.lineage.update({"superres": sr.version, "vqgan-high": high.version})
@@ -60,6 +63,15 @@ class Pipeline:
             if dec is not None and dec.manifest.inputs.get("vqgan-high") == high.version:
                 self.decoder = load_decoder(dec.path).to(self.device)
                 self.lineage["decoder"] = dec.version
+
+    def resolve_sampling(self, sampling: SamplingConfig | None = None, steps: int | None = None,
+                         superres_steps: int | None = None, guidance_scale: float | None = None,
+                         superres_guidance_scale: float | None = None) -> SamplingConfig:
+        """`sampling` (default: the trained transformers' own settings) with the given knobs replaced."""
+        sampling = sampling or self.sampling
+        base = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance_scale)) if v is not None}
+        sr = {k: v for k, v in (("steps", superres_steps), ("guidance_scale", superres_guidance_scale)) if v is not None}
+        return SamplingConfig(base=sampling.base.model_copy(update=base), superres=sampling.superres.model_copy(update=sr))
 
     @classmethod
     def from_store(cls, store: ArtifactStore, device: torch.device | str | None = None,
@@ -107,23 +119,22 @@ class Pipeline:
         return autocast(self.device)
 
     @torch.no_grad()
-    def generate_tokens(self, prompts: list[str], negative: list[str] | None = None, steps: int = 24,
-                        superres_steps: int = 8, guidance_scale: float = 3.0, seed: int = 0,
-                        superres_guidance_scale: float | None = None,
-                        superres: bool = True, sampler: SamplerConfig | None = None,
+    def generate_tokens(self, prompts: list[str], negative: list[str] | None = None, seed: int = 0,
+                        sampling: SamplingConfig | None = None, steps: int | None = None,
+                        superres_steps: int | None = None, guidance_scale: float | None = None,
+                        superres_guidance_scale: float | None = None, superres: bool = True,
                         scene: torch.Tensor | None = None,
                         tokens_low: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Base (then super-res) token grids for the prompts; `scene` is [1, n] scene tokens (see
-        `muse.editing.scene_tokens`) laid out for every prompt, for a base model trained with them.
-        `superres_guidance_scale` (None = `guidance_scale`): a super-res model that learned little from the text
-        only amplifies noise under strong guidance; its layout comes from the low-res tokens.
-        `tokens_low` [B, n]: upsample these low-res grids (e.g. a real image's) instead of sampling the base."""
+        """Base (then super-res) token grids for the prompts, sampled with `resolve_sampling(sampling, steps, ...)`;
+        `scene` is [1, n] scene tokens (see `muse.editing.scene_tokens`) laid out for every prompt, for a base
+        model trained with them. `tokens_low` [B, n]: upsample these low-res grids (e.g. a real image's) instead
+        of sampling the base."""
         if scene is not None and self.vq_seg is None:
             raise ValueError("this base model was trained without scene tokens (train_base.scene_conditioning: false)")
-        sampler = replace(sampler or SamplerConfig(), guidance_scale=guidance_scale)
+        sampling = self.resolve_sampling(sampling, steps, superres_steps, guidance_scale, superres_guidance_scale)
         gen = torch.Generator(self.device).manual_seed(seed)
         if tokens_low is None:
-            low = self._tokens(self.base, prompts, negative, replace(sampler, steps=steps), gen, scene=scene)
+            low = self._tokens(self.base, prompts, negative, sampling.base, gen, scene=scene)
         else:
             side = self.vq_low.cfg.token_side
             if tuple(tokens_low.shape) != (len(prompts), side * side):
@@ -133,9 +144,7 @@ class Pipeline:
         out = {"tokens_low": low}
         if superres and self.superres is not None:
             sr_scene = scene if self.superres.spec.scene_codebook_size else None
-            sr_sampler = replace(sampler, steps=superres_steps, guidance_scale=guidance_scale
-                                 if superres_guidance_scale is None else superres_guidance_scale)
-            out["tokens_high"] = self._tokens(self.superres, prompts, negative, sr_sampler, gen, cond=low,
+            out["tokens_high"] = self._tokens(self.superres, prompts, negative, sampling.superres, gen, cond=low,
                                               scene=sr_scene)
         return out
 
@@ -153,3 +162,7 @@ class Pipeline:
     def __call__(self, prompts: list[str], **kwargs) -> list[Image.Image]:
         return to_images(self.decode_tokens(self.generate_tokens(prompts, **kwargs)))
 
+
+def _recorded_sampler(config: dict, default: SamplerConfig) -> SamplerConfig:
+    """The sampler pass a transformer recorded; transformers written before passes were recorded get `default`."""
+    return SamplerConfig.model_validate(config["sampling"]) if "sampling" in config else default

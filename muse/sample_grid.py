@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from muse.config import SamplerConfig
 from muse.datasets.tokens import TokenTable, collate
 from muse.models.vqgan import from_pretrained
-from muse.sampling import SamplerConfig, decode
+from muse.sampling import decode
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -28,7 +29,7 @@ class SampleGrid:
     """Callable on a training loop: samples for `count` fixed captions, decoded, as an HWC uint8 grid."""
 
     def __init__(self, tokens_path, tokenizer_path, target: str, cond: str | None, text, device: torch.device,
-                 count: int = 8, sampler: SamplerConfig = SamplerConfig(steps=12, guidance_scale=3.0)):
+                 sampler: SamplerConfig, count: int = 8):
         try:
             table = TokenTable(tokens_path, "val", None)
         except FileNotFoundError:

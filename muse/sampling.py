@@ -13,24 +13,12 @@ cross-attention keys/values of the memory are computed once per image, not per s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
+from muse.config import SamplerConfig
 from muse.masking import masked_after_step
 from muse.models.transformer import MaskedTransformer
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    steps: int = 24
-    guidance_scale: float = 3.0
-    guidance_schedule: Literal["linear", "constant"] = "linear"
-    temperature: float = 1.0  # of the token samples, annealed linearly to 0
-    confidence_temperature: float = 4.5  # randomness of which tokens are kept, annealed to 0 (MaskGIT)
-    top_k: int | None = None
 
 
 def guidance_at(step: int, steps: int, scale: float, schedule: str) -> float:

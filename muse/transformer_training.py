@@ -21,7 +21,7 @@ from torch import nn
 from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore, MissingArtifact
 from safetensors.torch import load_file, save_file
 
-from muse.config import ConfigError, RayConfig, TextEncoderConfig, TrainConfig, WorkersConfig
+from muse.config import ConfigError, RayConfig, SamplerConfig, TextEncoderConfig, TrainConfig, WorkersConfig
 from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.distributed import fit, rank_world, worker_device, wrap_ddp
 from muse.masking import mask_tokens, sample_mask_rate
@@ -159,6 +159,7 @@ class TransformerJob:
     scene_drop_rate: float
     work_dir: Path
     tokenizer_path: Path | None  # decodes the sample grids written at checkpoints; None = no grids
+    sampler: SamplerConfig  # this model's sampling pass: the sample grids, and the default recorded for generation
 
     @property
     def trained_path(self) -> Path:
@@ -182,7 +183,7 @@ def fit_worker(job: TransformerJob) -> dict:
     bs, seed = job.train_cfg.batch_size, job.train_cfg.seed
     preview = None
     if rank == 0 and job.tokenizer_path is not None:
-        grid = SampleGrid(job.tokens_path, job.tokenizer_path, job.target, job.cond, text, device)
+        grid = SampleGrid(job.tokens_path, job.tokenizer_path, job.target, job.cond, text, device, job.sampler)
         preview = lambda loop: grid(loop.trained("transformer"))  # noqa: E731
     figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world), preview=preview)
     if rank == 0:
@@ -210,7 +211,7 @@ def transformer_spec(model_cfg, geometry: dict[str, dict], text_dim: int, target
 def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfig, workers: WorkersConfig,
                       ray_cfg: RayConfig, text_drop_rate: float, label_smoothing: float, scene: bool,
                       scene_drop_rate: float, tokens: Artifact, target: str, cond: str | None,
-                      text_cfg: TextEncoderConfig, store: ArtifactStore, create_kwargs: dict,
+                      text_cfg: TextEncoderConfig, sampler: SamplerConfig, store: ArtifactStore, create_kwargs: dict,
                       device: torch.device) -> Artifact:
     """Train (in-process, or on Ray Train workers), evaluate and commit one masked transformer (`base`/`superres`)."""
     schema = json.loads((tokens.path / "_schema.json").read_text())
@@ -235,7 +236,7 @@ def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfi
         log.warning("%s: no sample grids: tokenizer %s is not in this store", kind, geometry[target]["tokenizer"])
         tokenizer_path = None
     job = TransformerJob(kind, spec, train_cfg, text_cfg, precomputed, tokens.path, columns, target, cond,
-                         text_drop_rate, label_smoothing, scene_drop_rate, work_dir, tokenizer_path)
+                         text_drop_rate, label_smoothing, scene_drop_rate, work_dir, tokenizer_path, sampler)
     figures = fit(fit_worker, job, workers, ray_cfg, work_dir)
     trained = MaskedTransformer(spec)
     trained.load_state_dict(load_file(str(job.trained_path)))
@@ -248,6 +249,7 @@ def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfi
     with store.create(kind, **create_kwargs) as out:
         save_transformer(trained, out.path, {"target": target, "cond": cond, "scene": scene, "text": text_info,
                                              "text_encoder": text_cfg.model_dump(mode="json"),
+                                             "sampling": sampler.model_dump(mode="json"),
                                              "tokenizers": {k: g["tokenizer"] for k, g in geometry.items()}})
         if (work_dir / "tensorboard").is_dir():
             shutil.copytree(work_dir / "tensorboard", out.path / "tensorboard")

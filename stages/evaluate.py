@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
-from muse.config import EvaluateConfig, PipelineConfig
+from muse.config import EvaluateConfig, PipelineConfig, SamplingConfig
 from muse.datasets.demo_check import grade
 from muse.datasets.shards import read_samples
 from muse.datasets.tokens import TokenTable
@@ -39,7 +39,8 @@ log = logging.getLogger("muse.stages.evaluate")
 
 
 def config_of(config: PipelineConfig) -> dict:
-    return config.evaluate.model_dump(mode="json")
+    """The stage's settings and the sampler settings its images are drawn with."""
+    return config.evaluate.model_dump(mode="json") | {"sampling": config.sampling.model_dump(mode="json")}
 
 
 def clip_score(images: list[Image.Image], captions: list[str], c: EvaluateConfig) -> dict:
@@ -71,7 +72,8 @@ def alignment(per_image: list[list[dict[str, bool]]]) -> dict[str, float]:
     return {part: round(float(np.mean([r[part] for r in objects])), 4) for part in ("colour", "shape", "position")}
 
 
-def alignment_by_link(pipe: Pipeline, samples: list[dict], tokens_root, c: EvaluateConfig) -> list[dict]:
+def alignment_by_link(pipe: Pipeline, samples: list[dict], tokens_root, c: EvaluateConfig,
+                      sampling: SamplingConfig) -> list[dict]:
     """Caption alignment of each link of the chain when fed its true input, the val images' own tokens: the
     tokenizers' and the finetuned decoder's reconstructions, and super-res sampled from the true low-res tokens.
     Generated images cannot beat their weakest link, so this (with the base's row, its samples decoded by the
@@ -102,8 +104,7 @@ def alignment_by_link(pipe: Pipeline, samples: list[dict], tokens_root, c: Evalu
             images["vqgan-high reconstruction"] += to_images(pipe.vq_high.decode_codes(high_grid))
             images["decoder on true high-res tokens"] += to_images(pipe.decode_tokens({"tokens_high": high}))
         images["super-res from true low-res tokens"] += pipe(
-            [s["caption"] for s in chunk], tokens_low=low, superres_steps=c.superres_steps,
-            guidance_scale=c.guidance_scale, superres_guidance_scale=c.superres_guidance_scale, seed=c.seed + i)
+            [s["caption"] for s in chunk], tokens_low=low, sampling=sampling, seed=c.seed + i)
     return [{"link": name, "images": len(ims), **alignment(grade_samples(ims, samples))}
             for name, ims in images.items()]
 
@@ -167,9 +168,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     tokens_low: list[torch.Tensor] = []
     start = time.perf_counter()
     for i in range(0, len(captions), c.batch_size):
-        tokens = pipe.generate_tokens(captions[i:i + c.batch_size], steps=c.steps, superres_steps=c.superres_steps,
-                                      guidance_scale=c.guidance_scale,
-                                      superres_guidance_scale=c.superres_guidance_scale, seed=c.seed + i)
+        tokens = pipe.generate_tokens(captions[i:i + c.batch_size], sampling=config.sampling, seed=c.seed + i)
         images += to_images(pipe.decode_tokens(tokens))
         tokens_low.append(tokens["tokens_low"])
     seconds = time.perf_counter() - start
@@ -190,7 +189,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
         links = [{"link": BASE_LINK, "images": len(base_images),
                   **alignment(grade_samples(base_images, [s for s, _ in demo]))}]
         if split == "val":  # the tokens artifact holds the val images' own tokens
-            links += alignment_by_link(pipe, [s for s, _ in demo], inputs["tokens"].path, c)
+            links += alignment_by_link(pipe, [s for s, _ in demo], inputs["tokens"].path, c, config.sampling)
     metrics.update(clip_score(images, captions, c))
     metrics.update(fid(images, [s["image"] for s in samples], c.inception_weights))
     for kind, key in (("vqgan-low", "psnr"), ("vqgan-high", "psnr"), ("decoder", "new_psnr")):

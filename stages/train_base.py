@@ -16,7 +16,7 @@ CODE_VERSION = "2"  # 2: masks and condition dropout from the stage's own genera
 
 def config_of(config: PipelineConfig) -> dict:
     """The model and training config (the knobs that change the weights), and the text encoder when embeddings are
-    computed at training time."""
+    computed at training time; not the sampler pass the model records for generation (it changes no weight)."""
     c = config.train_base
     return {"train_base": c.model_dump(mode="json") | {"train": c.train.versioned()},
             "text_encoder": config.tokenize.text_encoder.model_dump(mode="json")}
@@ -34,4 +34,5 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
                              text_drop_rate=c.text_drop_rate, label_smoothing=c.label_smoothing,
                              scene=c.scene_conditioning, scene_drop_rate=c.scene_drop_rate,
                              tokens=tokens, target="tokens_low", cond=None,
-                             text_cfg=config.tokenize.text_encoder, store=store, create_kwargs=create, device=device)
+                             text_cfg=config.tokenize.text_encoder, sampler=config.sampling.base, store=store,
+                             create_kwargs=create, device=device)

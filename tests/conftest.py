@@ -29,8 +29,8 @@ SMALL = [
     "finetune_decoder.train.steps=4",
     "finetune_decoder.train.batch_size=4",
     "evaluate.num_prompts=4",
-    "evaluate.steps=4",
-    "evaluate.superres_steps=2",
+    "sampling.base.steps=4",
+    "sampling.superres.steps=2",
 ]
 
 

@@ -76,8 +76,7 @@ def test_the_base_link_grades_the_very_samples_the_report_generated(trained_stor
     c = cfg.evaluate
     samples = [s for _, s in zip(range(c.num_prompts), read_samples(arts["shards"].path, "val"))]
     pipe = Pipeline.from_store(store, pins={k: arts[k] for k in ("base", "superres", "decoder")})
-    tokens = pipe.generate_tokens([s["caption"] for s in samples], steps=c.steps, superres_steps=c.superres_steps,
-                                  guidance_scale=c.guidance_scale, superres_guidance_scale=c.superres_guidance_scale,
+    tokens = pipe.generate_tokens([s["caption"] for s in samples], sampling=cfg.sampling,
                                   seed=c.seed)
     # the report's samples are these tokens decoded: the base row must come from the same draw
     saved = [np.asarray(Image.open(arts["report"].path / "samples" / f"{s['key']}.png")) for s in samples]
@@ -204,3 +203,35 @@ def test_random_weight_text_encoders_are_the_same_in_every_process():
     assert torch.equal(a, b)
     c, _ = load_text_encoder(cfg.model_copy(update={"random_seed": 1})).encode(["a red circle"])
     assert not torch.equal(a, c)
+
+
+def test_generation_defaults_to_the_sampler_settings_the_models_were_trained_with(pipeline_store, tmp_path, capsys):
+    """A store trained with a preset's sampler settings (muse-256 guides the base at 4.0) samples with them from the
+    Python API and `muse generate`, with no flags; flags still override."""
+    import shutil
+
+    from muse.artifacts.store import ArtifactStore
+    from muse.stages import train_base, train_superres
+
+    cfg, _, arts = pipeline_store
+    cfg = cfg.model_copy(update={"sampling": cfg.sampling.model_validate(
+        {"base": {"steps": 5, "guidance_scale": 4.0}, "superres": {"steps": 3, "guidance_scale": 0.5, "top_k": 7}})})
+    store = ArtifactStore(tmp_path / "store")
+    for kind in ("vqgan-low", "vqgan-high"):  # the tokenizers the transformers name, as a shared store holds them
+        store.root.joinpath(kind).mkdir(parents=True)
+        shutil.copytree(arts[kind].path, store.root / kind / arts[kind].version)
+        (store.root / kind / "latest").write_text(arts[kind].version)
+    train_base.run(cfg, {"tokens": arts["tokens"]}, store)
+    train_superres.run(cfg, {"tokens": arts["tokens"]}, store)
+    pipe = Pipeline.from_store(store)
+    assert pipe.sampling == cfg.sampling
+    default = pipe.generate_tokens(["a red circle on the left"], seed=3)
+    explicit = pipe.generate_tokens(["a red circle on the left"], seed=3, sampling=cfg.sampling)
+    assert all(torch.equal(default[k], explicit[k]) for k in default)
+    out = tmp_path / "out"
+    assert main(["generate", "a red circle on the left", "--seed", "3", "--store", str(store.root), "--out", str(out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out / "0000.png")), np.asarray(pipe(["a red circle on the left"], seed=3)[0]))
+    assert main(["generate", "a red circle on the left", "--seed", "3", "--steps", "2", "--store", str(store.root),
+                 "--out", str(tmp_path / "other")]) == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "other" / "0000.png")),
+                              np.asarray(Image.open(out / "0000.png")))

@@ -10,7 +10,8 @@ from scipy import stats
 
 from muse.masking import mask_tokens, masked_after_step, sample_mask_rate
 from muse.models.transformer import MaskedTransformer, TransformerSpec
-from muse.sampling import SamplerConfig, decode, guidance_at, guided_logits
+from muse.config import SamplerConfig
+from muse.sampling import decode, guidance_at, guided_logits
 
 SPEC = TransformerSpec(dim=32, depth=2, heads=4, codebook_size=16, side=4, text_dim=8)
 
