@@ -37,11 +37,10 @@ def table_rows(artifact: Artifact, store: ArtifactStore) -> list[dict[str, str]]
     return rows
 
 
-def markdown_page(artifact: Artifact, up_to_date: bool) -> str:
+def markdown_page(artifact: Artifact) -> str:
     """Config, inputs and previews of an artifact as markdown."""
     m = artifact.manifest
-    status = "up to date: reused" if up_to_date else "written by this run"
-    parts = [f"# {m.label}", f"{status}; stage `{m.stage}`; created {m.created:%Y-%m-%d %H:%M:%S} UTC", "## Inputs"]
+    parts = [f"# {m.label}", f"stage `{m.stage}`; created {m.created:%Y-%m-%d %H:%M:%S} UTC", "## Inputs"]
     parts += [f"- `{kind}:{version}`" for kind, version in sorted(m.inputs.items())] or ["- (none)"]
     previews = sorted((artifact.path / PREVIEW_DIR).glob("*.png")) if (artifact.path / PREVIEW_DIR).is_dir() else []
     for png in previews:
@@ -54,17 +53,20 @@ def markdown_page(artifact: Artifact, up_to_date: bool) -> str:
     return "\n\n".join(parts)
 
 
-def publish(artifact: Artifact, store: ArtifactStore, up_to_date: bool = False) -> None:
-    """Create the table and markdown Prefect artifacts for one store artifact."""
+def publish(artifact: Artifact, store: ArtifactStore) -> None:
+    """Create the table and markdown Prefect artifacts for one store artifact this run wrote."""
     key = f"muse-{artifact.kind}"
-    create_table_artifact(
-        key=key,
-        table=table_rows(artifact, store),
-        description=f"{artifact.manifest.label}" + (" (up to date)" if up_to_date else ""),
-    )
-    create_markdown_artifact(
-        key=f"{key}-config", markdown=markdown_page(artifact, up_to_date), description=artifact.manifest.label
-    )
+    create_table_artifact(key=key, table=table_rows(artifact, store), description=artifact.manifest.label)
+    create_markdown_artifact(key=f"{key}-config", markdown=markdown_page(artifact), description=artifact.manifest.label)
     # Stage-specific tables (e.g. segment's class frequencies) ride in the manifest's details.
     for name, rows in artifact.manifest.details.get("tables", {}).items():
         create_table_artifact(key=f"{key}-{name}", table=rows, description=f"{artifact.manifest.label}: {name}")
+
+
+def publish_reuse(artifact: Artifact) -> None:
+    """A keyless note in this run that it reused the artifact: the keyed `muse-<kind>` artifacts (the UI's latest)
+    stay those of the run that made it."""
+    m = artifact.manifest
+    create_markdown_artifact(markdown=f"Reused `{m.label}`, made by stage `{m.stage}` on "
+                                      f"{m.created:%Y-%m-%d %H:%M:%S} UTC (its page: `muse-{m.kind}-config`).",
+                             description=f"reused {m.label}")

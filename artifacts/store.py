@@ -227,12 +227,18 @@ class ArtifactStore:
         kind, _, version = ref.partition(":")
         return self.get(kind, version or None)
 
-    def lineage(self, artifact: Artifact, depth: int = 0) -> list[str]:
-        """Indented lines: the artifact, then its inputs recursively."""
-        lines = [f"{'  ' * depth}{artifact.manifest.label}  [{artifact.manifest.stage}]"]
+    def lineage(self, artifact: Artifact, depth: int = 0, seen: set[str] | None = None) -> list[str]:
+        """Indented lines: the artifact, then its inputs recursively; an artifact already shown (the DAG shares
+        inputs: every stage reads `shards`) is named again without its own inputs."""
+        seen = set() if seen is None else seen
+        label = f"{'  ' * depth}{artifact.manifest.label}  [{artifact.manifest.stage}]"
+        if artifact.ref in seen:
+            return [label + "  (inputs above)"] if artifact.manifest.inputs else [label]
+        seen.add(artifact.ref)
+        lines = [label]
         for kind, version in sorted(artifact.manifest.inputs.items()):
             try:
-                lines += self.lineage(self._find(kind, version), depth + 1)
+                lines += self.lineage(self._find(kind, version), depth + 1, seen)
             except MissingArtifact:
                 lines.append(f"{'  ' * (depth + 1)}{kind}:{version}  (missing from store)")
         return lines

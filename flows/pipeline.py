@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import FailedRun
 from prefect.states import Failed
 
-from muse.artifacts.publish import publish
+from muse.artifacts.publish import publish, publish_reuse
 from muse.artifacts.remote import open_store
 from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact
 from muse.config import ConfigError, PipelineConfig, load_config
@@ -87,7 +87,7 @@ def _produce(name, stage, config, store, inputs, input_versions, versions, force
         for a in outputs:
             store.set_latest(a.kind, a.version)
             logger.info("%s: up to date, reusing %s", name, a.manifest.label)
-            publish(a, store, up_to_date=True)
+            publish_reuse(a)
         return {a.kind: a.version for a in outputs}
 
     if force:

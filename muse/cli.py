@@ -14,6 +14,9 @@ from muse.config import ConfigError, dump_config, load_config, preset_names
 from muse.errors import UserError
 
 
+SHOWN_TABLE_ROWS = 12  # `artifacts show` prints a table of up to this many rows; longer ones are counted
+
+
 def _store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", metavar="DIR", help="artifact store: a folder or an fsspec URL such as s3://bucket/muse "
                    "(default: $MUSE_STORE or ./store)")
@@ -126,24 +129,40 @@ def cmd_artifacts_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_artifacts_show(args: argparse.Namespace) -> int:
+    """A summary that fits a screen (metrics, inputs, files in a line); the rest behind flags."""
     store = _store(args)
     art = store.resolve(args.ref)
     m = art.manifest
-    print(f"{m.label}\npath:    {art.path}\nstage:   {m.stage} (code {m.code_version})\ncreated: {m.created}")
-    print("lineage:")
-    for line in store.lineage(art):
-        print("  " + line)
+    if args.json:
+        print(m.model_dump_json(indent=2))
+        return 0
+    print(f"{m.label}  [{m.stage}, code {m.code_version}]  created {m.created:%Y-%m-%d %H:%M:%S} UTC\npath: {art.path}")
+    print("inputs: " + (", ".join(f"{k}:{v}" for k, v in sorted(m.inputs.items())) or "none"))
     print("metrics:")
     for k, v in m.metrics.items():
         print(f"  {k}: {v}")
-    print(f"files ({len(m.files)}):")
-    for f in m.files:
-        print(f"  {f.size:>12,}  {f.sha256[:16]}  {f.path}")
-    print("config:")
-    print("  " + json.dumps(m.config, indent=2).replace("\n", "\n  "))
-    if m.details:
-        print("details:")
-        print("  " + json.dumps(m.details, indent=2, default=str).replace("\n", "\n  "))
+    for name, rows in m.details.get("tables", {}).items():  # small tables inline (the report's by-link table)
+        if len(rows) <= SHOWN_TABLE_ROWS:
+            print(f"{name}:")
+            for row in rows:
+                print("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
+        else:
+            print(f"{name}: {len(rows)} rows (--json)")
+    print(f"files: {len(m.files)}, {sum(f.size for f in m.files):,} bytes")
+    if args.files:
+        for f in m.files:
+            print(f"  {f.size:>12,}  {f.sha256[:16]}  {f.path}")
+    if args.lineage:
+        print("lineage:")
+        for line in store.lineage(art):
+            print("  " + line)
+    if args.config:
+        print("config:")
+        print("  " + json.dumps(m.config, indent=2).replace("\n", "\n  "))
+    shown = [flag for flag, on in (("--files", args.files), ("--lineage", args.lineage), ("--config", args.config))
+             if not on]
+    if shown:
+        print(f"(more: {' '.join(shown)}, or --json for the whole manifest)")
     return 0
 
 
@@ -306,8 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", help="only this kind")
     _store_arg(p)
     p.set_defaults(func=cmd_artifacts_ls)
-    p = asub.add_parser("show", help="manifest and lineage of KIND[:VERSION|:vN]")
+    p = asub.add_parser("show", help="summary of KIND[:VERSION|:vN]: metrics, inputs, files")
     p.add_argument("ref", metavar="KIND[:VERSION]")
+    p.add_argument("--files", action="store_true", help="list every file with its size and sha256")
+    p.add_argument("--lineage", action="store_true", help="the artifacts it was made from, down to the data")
+    p.add_argument("--config", action="store_true", help="the config its version hashes")
+    p.add_argument("--json", action="store_true", help="the whole manifest as JSON (details included)")
     _store_arg(p)
     p.set_defaults(func=cmd_artifacts_show)
     p = asub.add_parser("verify", help="re-hash every file; exit 1 and name the bad files on mismatch")

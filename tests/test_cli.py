@@ -1,5 +1,6 @@
 """The `muse` command line on a store written by the shard stage."""
 
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +26,12 @@ def test_artifacts_ls_show_verify(written_store, capsys):
 
     assert main(["artifacts", "show", "shards:v1", "--store", root]) == 0
     out = capsys.readouterr().out
-    assert "lineage:" in out and "rejected_corrupt: 0" in out and "train/000000.tar" in out
+    assert "rejected_corrupt: 0" in out and "lineage:" not in out and "train/000000.tar" not in out  # a summary
+    assert main(["artifacts", "show", "shards:v1", "--files", "--lineage", "--store", root]) == 0
+    out = capsys.readouterr().out
+    assert "lineage:" in out and "train/000000.tar" in out
+    assert main(["artifacts", "show", "shards:v1", "--json", "--store", root]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == art.version
 
     assert main(["artifacts", "verify", "--store", root]) == 0
     assert "0 problems" in capsys.readouterr().out

@@ -87,6 +87,10 @@ def test_prefect_ui_artifacts_are_published(prefect_api, store):
     assert ("muse-shards", "table") in kinds and ("muse-shards-config", "markdown") in kinds
     page = next(a for a in arts if a.type == "markdown").data
     assert "data:image/png;base64," in page and "## Config" in page
+    # An up-to-date rerun leaves the keyed artifacts (the UI's latest) to the run that made the shards.
+    _run(store, "shard")
+    again = asyncio.run(read())
+    assert sorted(a.id for a in again) == sorted(a.id for a in arts)
 
 
 def test_a_tampered_input_is_refused_not_used(prefect_api, store):

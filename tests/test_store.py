@@ -105,6 +105,10 @@ def test_lineage_and_missing(store):
     tokens = _write(store, kind="tokens", inputs={"shards": shards.version})
     lines = store.lineage(tokens)
     assert lines[0].startswith("tokens v1") and lines[1].strip().startswith("shards v1")
+    base = _write(store, kind="report", inputs={"tokens": tokens.version, "shards": shards.version})
+    lines = store.lineage(base)  # a DAG: shards is an input twice over, printed in full once
+    assert len(lines) == 4 and sum("shards v1" in line for line in lines) == 2
+    assert lines[2].strip().startswith("tokens v1") and lines[3].strip().startswith("shards v1")
     with pytest.raises(MissingArtifact, match="no 'base' artifact"):
         store.get("base")
     with pytest.raises(MissingArtifact):
