@@ -12,6 +12,9 @@ the task and the run in a Failed state whose message is that one line, not a tra
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import FailedRun
@@ -131,7 +134,7 @@ def muse(
     try:
         policy = DeploymentPolicy.from_env()  # set by `muse serve`: what a deployment caller may choose
         if policy is not None:
-            store = policy.check(store, source, config_file, list(overrides or []))
+            store = policy.check(store, config_file, list(overrides or []))
         force = list(force or [])
         for name in force:
             if name not in STAGES:
@@ -140,6 +143,8 @@ def muse(
         config = load_config(preset, config_file, overrides or [])
         if source is not None:
             config.shard.source = source
+        if policy is not None:
+            policy.check_source(config.shard.source)
         root = open_store(store).location
         logger.info("target %s: stages %s; store %s", target, ", ".join(names), root)
         for line in preflight(names, config):
@@ -147,18 +152,32 @@ def muse(
     except UserError as e:
         return Failed(message=str(e))
 
+    started, clock = datetime.now(timezone.utc), time.perf_counter()
     futures = {}
     for name in names:
         upstream = [futures[u] for u in upstream_stages(name) if u in futures]
         futures[name] = run_stage.submit(name, config, root, upstream, dict(inputs or {}), name in force)
     # result() re-raises the first failing stage's own exception, in DAG order.
     produced: dict[str, str] = {}
-    for name in names:
+    for k, name in enumerate(names, 1):
         try:
             produced.update(futures[name].result())
         except FailedRun as e:  # a stage's Failed state: the user's mistake, in one line
             return Failed(message=str(e))
+        if len(names) > 1:
+            logger.info("[%d/%d] %s finished, %.0f s into the run", k, len(names), name, time.perf_counter() - clock)
+    logger.info(summary(target, open_store(root), produced, started, time.perf_counter() - clock))
     return produced
+
+
+def summary(target: str, store: ArtifactStore, produced: dict[str, str], started: datetime, seconds: float) -> str:
+    """One line at the end of a run: what it trained or wrote, what it reused, and where."""
+    made, reused = [], []
+    for kind, version in produced.items():
+        m = next(a.manifest for a in store.list(kind) if a.version == version)  # manifests only: no file pulled
+        (made if m.created >= started else reused).append(m.label)
+    return (f"{target} done in {seconds:.0f} s; wrote {', '.join(made) or 'nothing'}; "
+            f"reused {', '.join(reused) or 'nothing'}; store {store.location}")
 
 
 __all__ = ["muse", "MissingInput", "TARGETS"]

@@ -38,21 +38,25 @@ class DeploymentPolicy:
         data = json.loads(text)
         return cls(data["store"], tuple(data["sources"]), tuple(data["overrides"]))
 
-    def check(self, store: str | None, source: str | None, config_file: str | None,
-              overrides: list[str]) -> str:
+    def check(self, store: str | None, config_file: str | None, overrides: list[str]) -> str:
         """The store the run uses; a ConfigError naming the refused parameter (never echoing file contents)."""
         if store not in (None, self.store):
             raise ConfigError(f"parameter store: runs of these deployments use {self.store}; it cannot be changed")
         if config_file is not None:
             raise ConfigError("parameter config_file: not accepted from a deployment run; use allowed overrides")
-        if source is not None:
-            resolved = Path(source).resolve() if "://" not in source else None
-            if resolved is None or not any(resolved.is_relative_to(Path(root).resolve()) for root in self.sources):
-                allowed = ", ".join(self.sources) or "none (start `muse serve --allow-source DIR`)"
-                raise ConfigError(f"parameter source: {source} is not under an allowed source folder: {allowed}")
         for text in overrides:
             key = ".".join(parse_override(text)[0])
             if not any(key == p or key.startswith(p.rstrip(".") + ".") for p in self.overrides):
                 allowed = ", ".join(self.overrides) or "none (start `muse serve --allow-set KEY`)"
                 raise ConfigError(f"parameter overrides: {key} may not be set by a deployment run; allowed: {allowed}")
         return self.store
+
+    def check_source(self, source: str | None) -> None:
+        """The run's resolved data source (the `source` parameter or an allowed override) is the demo or lies
+        under an allowed folder."""
+        if source is None:
+            return
+        resolved = Path(source).resolve() if "://" not in source else None
+        if resolved is None or not any(resolved.is_relative_to(Path(root).resolve()) for root in self.sources):
+            allowed = ", ".join(self.sources) or "none (start `muse serve --allow-source DIR`)"
+            raise ConfigError(f"parameter source: {source} is not under an allowed source folder: {allowed}")

@@ -269,8 +269,9 @@ class TrainLoop:
             pass
         figures = dict(self.figures)
         last_step, t_last = self.step, time.perf_counter()
+        # A bar on a terminal only (None: off when stderr is not a TTY); log files get the logged figures instead.
         bar = tqdm(total=end, initial=self.step, desc=self.name, unit="step", mininterval=2.0,
-                   disable=self.rank > 0)
+                   disable=None if self.rank == 0 else True)
         for m in self.objective.modules.values():
             m.train()
         try:

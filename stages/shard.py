@@ -292,7 +292,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
             (out.path / s).mkdir()
             writers[s] = wds.ShardWriter(str(out.path / s / "%06d.tar"), maxcount=c.samples_per_shard,
                                          maxsize=float("inf"), verbose=0, mtime=0.0)
-        bar = tqdm(total=total, unit="img", desc="shard", mininterval=2.0)
+        bar = tqdm(total=total, unit="img", desc="shard", mininterval=2.0, disable=None)  # a terminal only
         try:
             for index, result in enumerate(_process_all(items, params, c.workers)):
                 read += 1

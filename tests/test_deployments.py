@@ -39,7 +39,7 @@ def test_a_deployment_run_is_held_to_the_served_policy(prefect_api, tmp_path, mo
 
     store, data = tmp_path / "store", tmp_path / "data"
     data.mkdir()
-    policy = DeploymentPolicy(str(store), (str(data),), ("demo.", "train_base.train.steps"))
+    policy = DeploymentPolicy(str(store), (str(data),), ("demo.", "train_base.train.steps", "shard"))
     monkeypatch.setenv(POLICY_ENV, policy.to_env())
     refused = [
         ({"store": "memory://attacker"}, r"parameter store: runs of these deployments use"),
@@ -47,6 +47,7 @@ def test_a_deployment_run_is_held_to_the_served_policy(prefect_api, tmp_path, mo
         ({"source": str(data / ".." / "elsewhere")}, r"is not under an allowed source folder"),
         ({"config_file": "/root/.aws/credentials"}, r"parameter config_file: not accepted"),
         ({"overrides": ["ray.address=ray://attacker:10001"]}, r"ray.address may not be set by a deployment run"),
+        ({"overrides": ["shard.source=/etc"]}, r"parameter source: /etc is not under an allowed source folder"),
     ]
     for params, message in refused:
         with pytest.raises(FailedRun, match=message):

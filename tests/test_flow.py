@@ -20,9 +20,10 @@ def test_stage_runs_then_is_up_to_date_then_forced(prefect_api, store, caplog):
     assert first == {"shards": art.version} and art.manifest.seq == 1
     created = art.manifest.created
 
+    assert "shard done in" in caplog.text and f"wrote shards v1 ({art.version}); reused nothing" in caplog.text
     caplog.clear()
     assert _run(store, "shard") == first
-    assert "up to date" in caplog.text
+    assert "up to date" in caplog.text and f"wrote nothing; reused shards v1 ({art.version})" in caplog.text
     again = store.get("shards")
     assert again.manifest.seq == 1 and again.manifest.created == created  # untouched
 
@@ -43,8 +44,9 @@ def test_single_stage_with_missing_input_names_the_stage_to_run_first(prefect_ap
         _run(empty, "segment", inputs={"shards": "ffff"})
 
 
-def test_full_train_runs_every_stage_and_finetune_decoder_reruns_alone(prefect_api, ray_local, store):
+def test_full_train_runs_every_stage_and_finetune_decoder_reruns_alone(prefect_api, ray_local, store, caplog):
     produced = _run(store, "full-train")
+    assert "[1/8] shard finished" in caplog.text and "[8/8] evaluate finished" in caplog.text
     kinds = ["base", "decoder", "report", "segments", "shards", "superres", "tokens", "vqgan-high", "vqgan-low",
              "vqseg"]
     assert store.kinds() == kinds and sorted(produced) == kinds

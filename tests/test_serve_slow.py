@@ -52,7 +52,8 @@ def test_serve_and_deployment_run(tmp_path):
         procs.append(server)
         _wait(lambda: _healthy(api), 120, "the Prefect server")
         serve_log = open(tmp_path / "serve.log", "w")
-        sections = ["demo", "shard", "train_vqgan", "train_base", "train_superres", "finetune_decoder", "evaluate"]
+        sections = ["demo", "shard", "train_vqgan", "train_base", "train_superres", "finetune_decoder", "sampling",
+                    "evaluate"]
         allow = [a for section in sections for a in ("--allow-set", section)]
         procs.append(subprocess.Popen([sys.executable, "-m", "muse.cli", "serve", "--store", str(store), *allow],
                                       env=env, stdout=serve_log, stderr=subprocess.STDOUT, cwd=tmp_path))

@@ -155,6 +155,14 @@ def test_a_failed_checkpoint_write_names_the_path_and_keeps_the_last_one(tmp_pat
     assert not (tmp_path / "checkpoint.tmp").exists()
 
 
+def test_no_progress_bar_is_written_where_stderr_is_not_a_terminal(tmp_path, capsys):
+    """Log files stay readable: no carriage-return bar frames when stderr is a file or a pipe."""
+    cfg = TrainConfig(steps=6, batch_size=2, warmup_steps=0, log_every=3)
+    TrainLoop(cfg, _Exploding(), tmp_path, "quiet").run(lambda pos: iter(lambda: torch.ones(2, 2), None), max_steps=4)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "quiet:" not in err
+
+
 def test_warmup_then_cosine():
     f = lr_lambda(TrainConfig(steps=110, warmup_steps=10))
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)

@@ -339,13 +339,16 @@ class SegmentPlan:
 def _hub_weights_local(model: str) -> bool:
     """A checkpoint directory, or a hub id whose weights are already in the local Hugging Face cache."""
     if Path(model).is_dir():
-        return True
+        return (Path(model) / "config.json").is_file()
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return False
-    return any(isinstance(try_to_load_from_cache(model, name), str)
-               for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+    try:
+        return any(isinstance(try_to_load_from_cache(model, name), str)
+                   for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+    except ValueError:  # neither a folder nor a valid hub id (a mistyped path)
+        return False
 
 
 def _panoptic_local(c: PanopticSegmenterConfig) -> str | None:
