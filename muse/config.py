@@ -374,21 +374,9 @@ class TransformerConfig(Section):
         "the shapes at the wrong place after 600 steps."))
 
 
-class TrainBaseConfig(Section):
-    """Stage `train-base`: the text-conditioned masked transformer on low-res tokens."""
-
-    model: TransformerConfig = Field(default_factory=TransformerConfig, description="Architecture.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
-    text_drop_rate: float = Field(0.1, ge=0, le=1, description="Fraction of samples trained without text (CFG).")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the masked-token cross-entropy.")
-    scene_conditioning: bool = Field(False, description="Add the scene tokens (seg_tokens) to the memory.")
-    scene_drop_rate: float = Field(0.5, ge=0, le=1, description="With scene conditioning: fraction of samples "
-                                   "trained without scene tokens, so the model also generates from text alone.")
-    workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Ray Train data parallelism.")
-
-
-class TrainSuperResConfig(Section):
-    """Stage `train-superres`: high-res tokens conditioned on low-res tokens and text."""
+class MaskedTransformerStageConfig(Section):
+    """Stages `train-base` (text -> low-res tokens) and `train-superres` (low-res tokens and text -> high-res
+    tokens): one masked transformer and how it is trained."""
 
     model: TransformerConfig = Field(default_factory=TransformerConfig, description="Architecture.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
@@ -456,8 +444,10 @@ class PipelineConfig(Section):
     segment: SegmentConfig = Field(default_factory=SegmentConfig, description="Stage segment.")
     train_vqgan: TrainVQGANConfig = Field(..., description="Stage train-vqgan.")
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Stage tokenize.")
-    train_base: TrainBaseConfig = Field(default_factory=TrainBaseConfig, description="Stage train-base.")
-    train_superres: TrainSuperResConfig = Field(default_factory=TrainSuperResConfig, description="Stage train-superres.")
+    train_base: MaskedTransformerStageConfig = Field(default_factory=MaskedTransformerStageConfig,
+                                                     description="Stage train-base.")
+    train_superres: MaskedTransformerStageConfig = Field(default_factory=MaskedTransformerStageConfig,
+                                                         description="Stage train-superres.")
     finetune_decoder: FinetuneDecoderConfig = Field(
         default_factory=FinetuneDecoderConfig, description="Stage finetune-decoder."
     )

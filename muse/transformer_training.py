@@ -21,7 +21,15 @@ from torch import nn
 from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore, MissingArtifact
 from safetensors.torch import load_file, save_file
 
-from muse.config import ConfigError, RayConfig, SamplerConfig, TextEncoderConfig, TrainConfig, WorkersConfig
+from muse.config import (
+    ConfigError,
+    MaskedTransformerStageConfig,
+    PipelineConfig,
+    RayConfig,
+    SamplerConfig,
+    TextEncoderConfig,
+    TrainConfig,
+)
 from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.distributed import fit, rank_world, worker_device, wrap_ddp
 from muse.masking import mask_tokens, sample_mask_rate
@@ -208,12 +216,33 @@ def transformer_spec(model_cfg, geometry: dict[str, dict], text_dim: int, target
         scene_side=geometry["seg_tokens"]["side"] if scene else 0)
 
 
-def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfig, workers: WorkersConfig,
-                      ray_cfg: RayConfig, text_drop_rate: float, label_smoothing: float, scene: bool,
-                      scene_drop_rate: float, tokens: Artifact, target: str, cond: str | None,
-                      text_cfg: TextEncoderConfig, sampler: SamplerConfig, store: ArtifactStore, create_kwargs: dict,
-                      device: torch.device) -> Artifact:
+def stage_config(config: PipelineConfig, section: str) -> dict:
+    """What a masked-transformer stage's version hashes: its section (the training knobs that change the weights)
+    and the text encoder when embeddings are computed at training time; not the sampler pass the model records
+    for generation (it changes no weight)."""
+    c: MaskedTransformerStageConfig = getattr(config, section)
+    return {section: c.model_dump(mode="json") | {"train": c.train.versioned()},
+            "text_encoder": config.tokenize.text_encoder.model_dump(mode="json")}
+
+
+def train_masked_stage(config: PipelineConfig, tokens: Artifact, store: ArtifactStore, *, stage: str,
+                       code_version: str, section: str, kind: str, target: str, cond: str | None,
+                       sampler: SamplerConfig) -> Artifact:
+    """The whole of `train-base` / `train-superres`: train `kind` on the `target` tokens of `tokens` (given the
+    `cond` tokens) with the settings of `config.<section>`, and commit it."""
+    create = {"stage": stage, "config": stage_config(config, section), "inputs": {"tokens": tokens.version},
+              "code_version": code_version}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return train_transformer(kind=kind, section=getattr(config, section), ray_cfg=config.ray, tokens=tokens,
+                             target=target, cond=cond, text_cfg=config.tokenize.text_encoder, sampler=sampler,
+                             store=store, create_kwargs=create, device=device)
+
+
+def train_transformer(*, kind: str, section: MaskedTransformerStageConfig, ray_cfg: RayConfig, tokens: Artifact,
+                      target: str, cond: str | None, text_cfg: TextEncoderConfig, sampler: SamplerConfig,
+                      store: ArtifactStore, create_kwargs: dict, device: torch.device) -> Artifact:
     """Train (in-process, or on Ray Train workers), evaluate and commit one masked transformer (`base`/`superres`)."""
+    model_cfg, train_cfg, scene = section.model, section.train, section.scene_conditioning
     schema = json.loads((tokens.path / "_schema.json").read_text())
     geometry, text_info = schema["geometry"], schema["text"]
     if scene and "seg_tokens" not in geometry:
@@ -236,8 +265,9 @@ def train_transformer(*, kind: str, stage: str, model_cfg, train_cfg: TrainConfi
         log.warning("%s: no sample grids: tokenizer %s is not in this store", kind, geometry[target]["tokenizer"])
         tokenizer_path = None
     job = TransformerJob(kind, spec, train_cfg, text_cfg, precomputed, tokens.path, columns, target, cond,
-                         text_drop_rate, label_smoothing, scene_drop_rate, work_dir, tokenizer_path, sampler)
-    figures = fit(fit_worker, job, workers, ray_cfg, work_dir)
+                         section.text_drop_rate, section.label_smoothing, section.scene_drop_rate, work_dir,
+                         tokenizer_path, sampler)
+    figures = fit(fit_worker, job, section.workers, ray_cfg, work_dir)
     trained = MaskedTransformer(spec)
     trained.load_state_dict(load_file(str(job.trained_path)))
     trained.to(device)

@@ -25,8 +25,8 @@ from muse.config import PipelineConfig, VQLossConfig
 from muse.datasets.decode import image_decoder
 from muse.datasets.shards import shard_files
 from muse.datasets.stream import batches, iter_tar, sample_stream
-from muse.models.vqgan import (LatentDecoder, PatchDiscriminator, VQModel, adaptive_weight, from_pretrained,
-                               hinge_d_loss, init_from, save_decoder)
+from muse.models.image_loss import ImageLoss, perceptual_loss, psnr
+from muse.models.vqgan import LatentDecoder, VQModel, from_pretrained, init_from, save_decoder
 from muse.training import TrainLoop, seed_everything
 
 NAME = "finetune-decoder"
@@ -53,42 +53,24 @@ def tokenizer_digest(model: VQModel) -> str:
     return h.hexdigest()
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    mse = ((x - y) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean())
-
-
 class DecoderObjective:
     """Reconstruct images from the frozen tokenizer's quantized latents with the new decoder."""
 
     def __init__(self, tokenizer: VQModel, decoder: LatentDecoder, loss: VQLossConfig, perceptual: nn.Module | None):
         self.tokenizer = tokenizer.eval().requires_grad_(False)
-        self.decoder, self.loss, self.perceptual = decoder, loss, perceptual
+        self.decoder, self.image_loss = decoder, ImageLoss(loss, perceptual)
         self.modules: dict[str, nn.Module] = {"decoder": decoder}
         self.optimizers = {"gen": ["decoder"]}
         self.ema = ["decoder"]
-        if loss.disc_weight > 0:
-            self.disc = PatchDiscriminator(3, loss.disc_ch, loss.disc_layers)
-            self.modules["disc"] = self.disc
-            self.optimizers["disc"] = ["disc"]
+        self.image_loss.register(self.modules, self.optimizers)
 
     def losses(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             quantized, _, _ = self.tokenizer.encode(x)
         recon = self.decoder(quantized)
-        rec = self.loss.l1_weight * (x - recon).abs().mean() + self.loss.l2_weight * (x - recon).pow(2).mean()
-        if self.perceptual is not None and self.loss.perceptual_weight:
-            rec = rec + self.loss.perceptual_weight * self.perceptual(recon, x).mean()
-        out = {"rec": rec.detach(), "psnr": torch.tensor(psnr(x, recon.detach()))}
-        gen = rec
-        if "disc" in self.modules and step >= self.loss.disc_start:
-            g_loss = -self.disc(recon).mean()
-            weight = self.loss.disc_weight * adaptive_weight(rec, g_loss, self.decoder.last_layer)
-            gen = gen + weight * g_loss
-            out["disc"] = hinge_d_loss(self.disc(x), self.disc(recon.detach()))
-            out.update(g_loss=g_loss.detach(), d_weight=weight)
-        out["gen"] = gen
-        return out
+        rec = self.image_loss.reconstruction(x, recon)
+        adversarial, figures = self.image_loss.adversarial(x, recon, rec, self.decoder.last_layer, step)
+        return {"rec": rec.detach(), "psnr": psnr(x, recon.detach()), **figures, "gen": rec + adversarial}
 
 
 @torch.no_grad()
@@ -106,8 +88,8 @@ def compare(tokenizer: VQModel, decoder: LatentDecoder, files: list[Path], resol
         quantized, _, _ = tokenizer.encode(x)
         old, new = tokenizer.decode(quantized).clamp(-1, 1), decoder(quantized).clamp(-1, 1)
         b = x.shape[0]
-        sums["old_psnr"] += psnr(x, old) * b
-        sums["new_psnr"] += psnr(x, new) * b
+        sums["old_psnr"] += float(psnr(x, old)) * b
+        sums["new_psnr"] += float(psnr(x, new)) * b
         sums["old_l1"] += float((x - old).abs().mean()) * b
         sums["new_l1"] += float((x - new).abs().mean()) * b
         n += b
@@ -130,14 +112,9 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     seed_everything(c.train.seed)
     decoder = LatentDecoder(tokenizer.cfg, 3, c.extra_res_blocks, c.channel_mult).to(device)
     copied = init_from(decoder, tokenizer)
-    perceptual = None
-    if c.loss.vgg_weights and c.loss.perceptual_weight:
-        from muse.models.perceptual import load_lpips
-
-        perceptual = load_lpips(c.loss.vgg_weights).to(device)
-    objective = DecoderObjective(tokenizer, decoder, c.loss, perceptual)
-    if "disc" in objective.modules:
-        objective.disc.to(device)
+    objective = DecoderObjective(tokenizer, decoder, c.loss, perceptual_loss(c.loss, device))
+    for module in objective.modules.values():
+        module.to(device)
     log.info("finetune-decoder: %.2fM -> %.2fM decoder parameters, %d tensors initialised from vqgan-high",
              sum(p.numel() for n, p in tokenizer.named_parameters() if n.startswith(("decoder.", "post_quant")))
              / 1e6, sum(p.numel() for p in decoder.parameters()) / 1e6, copied)

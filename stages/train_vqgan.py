@@ -33,7 +33,8 @@ from muse.datasets.labels import build_label_space, palette
 from muse.datasets.segments import details as scene_details
 from muse.datasets.segments import scene_maps_of
 from muse.datasets.stream import batches, iter_tar, sample_stream
-from muse.models.vqgan import PatchDiscriminator, VQModel, adaptive_weight, hinge_d_loss, save_pretrained
+from muse.models.image_loss import ImageLoss, perceptual_loss, psnr
+from muse.models.vqgan import VQModel, save_pretrained
 from muse.stage import OutputSpec
 from muse.training import TrainLoop, seed_everything
 
@@ -70,47 +71,23 @@ def outputs(config: PipelineConfig, input_versions: dict[str, str]) -> dict[str,
 # ----------------------------------------------------------------------------- objectives
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean PSNR in dB of images in [-1, 1]."""
-    mse = ((x - y) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(1 / mse)).mean()
-
-
 class ImageObjective:
     """Reconstruction + perceptual + codebook losses, and the PatchGAN game from `disc_start`."""
 
     def __init__(self, model: VQModel, loss: VQLossConfig, perceptual: nn.Module | None):
-        self.model, self.loss, self.perceptual = model, loss, perceptual
+        self.model, self.image_loss = model, ImageLoss(loss, perceptual)
         self.modules: dict[str, nn.Module] = {"vq": model}
         self.optimizers = {"gen": ["vq"]}
         self.ema = ["vq"]
-        if loss.disc_weight > 0:
-            self.disc = PatchDiscriminator(3, loss.disc_ch, loss.disc_layers)
-            self.modules["disc"] = self.disc
-            self.optimizers["disc"] = ["disc"]
-
-    def reconstruction_loss(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        rec = self.loss.l1_weight * (x - recon).abs().mean()
-        if self.loss.l2_weight:
-            rec = rec + self.loss.l2_weight * (x - recon).pow(2).mean()
-        if self.perceptual is not None and self.loss.perceptual_weight:
-            rec = rec + self.loss.perceptual_weight * self.perceptual(recon, x).mean()
-        return rec
+        self.image_loss.register(self.modules, self.optimizers)
 
     def losses(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         recon, codes, vq_loss = self.model(x)
-        rec = self.reconstruction_loss(x, recon)
-        out = {"rec": rec.detach(), "vq": vq_loss.detach(), "psnr": psnr(x, recon.detach()),
-               "usage": torch.tensor(codes.unique().numel() / self.model.cfg.codebook_size)}
-        gen = rec + vq_loss
-        if "disc" in self.modules and step >= self.loss.disc_start:
-            g_loss = -self.disc(recon).mean()
-            weight = self.loss.disc_weight * adaptive_weight(rec, g_loss, self.model.last_layer)
-            gen = gen + weight * g_loss
-            out["disc"] = hinge_d_loss(self.disc(x.detach()), self.disc(recon.detach()))
-            out.update(g_loss=g_loss.detach(), d_weight=weight)
-        out["gen"] = gen
-        return out
+        rec = self.image_loss.reconstruction(x, recon)
+        adversarial, figures = self.image_loss.adversarial(x, recon, rec, self.model.last_layer, step)
+        return {"rec": rec.detach(), "vq": vq_loss.detach(), "psnr": psnr(x, recon.detach()),
+                "usage": torch.tensor(codes.unique().numel() / self.model.cfg.codebook_size), **figures,
+                "gen": rec + vq_loss + adversarial}
 
 
 class SceneObjective:
@@ -235,13 +212,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     shards, segments = inputs["shards"], inputs["segments"]
     specs = outputs(config, {"shards": shards.version, "segments": segments.version})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    perceptual = None
-    if c.loss.vgg_weights and c.loss.perceptual_weight:
-        from muse.models.perceptual import load_lpips
-
-        perceptual = load_lpips(c.loss.vgg_weights).to(device)
-    else:
-        log.info("train-vqgan: no VGG weights (train_vqgan.loss.vgg_weights): training without LPIPS")
+    perceptual = perceptual_loss(c.loss, device)
 
     def files(art: Artifact, split: str) -> list[Path]:
         return sorted((art.path / split).glob("*.tar"))
@@ -254,8 +225,8 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
             continue
         seed_everything(c.train.seed)
         objective = ImageObjective(VQModel(model_cfg).to(device), c.loss, perceptual)
-        if "disc" in objective.modules:
-            objective.disc.to(device)
+        for module in objective.modules.values():
+            module.to(device)
         out.append(_train_one(kind, model_cfg, c.train_for(tokenizer), objective, files(shards, "train"), files(shards, "val"),
                               image_decoder(model_cfg.resolution), store.work_dir(kind, version), device, False,
                               store, create_kwargs, 3, {"input": "rgb in [-1, 1]"}))

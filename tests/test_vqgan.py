@@ -6,6 +6,7 @@ import torch
 
 from muse.config import VQLossConfig, VQModelConfig, load_config
 from muse.datasets.demo import make_sample
+from muse.models.image_loss import psnr
 from muse.models.vqgan import VQModel, adaptive_weight, from_pretrained, hinge_d_loss, save_pretrained
 from muse.stages import segment, shard, train_vqgan
 from muse.training import TrainLoop, seed_everything
@@ -88,10 +89,10 @@ def test_tiny_vqgan_overfits_32_demo_images(tmp_path, quantizer):
             yield data[torch.randperm(32, generator=g)[:16]]
 
     with torch.no_grad():
-        before = float(train_vqgan.psnr(data, model.eval()(data)[0].clamp(-1, 1)))
+        before = float(psnr(data, model.eval()(data)[0].clamp(-1, 1)))
     TrainLoop(cfg, objective, tmp_path / "work", "overfit").run(stream)
     with torch.no_grad():
-        after = float(train_vqgan.psnr(data, model.eval()(data)[0].clamp(-1, 1)))
+        after = float(psnr(data, model.eval()(data)[0].clamp(-1, 1)))
     assert before < 14 and after > 22, (before, after)
 
 
