@@ -17,11 +17,14 @@ from muse.artifacts.store import Artifact, ArtifactError
 
 @dataclass(frozen=True)
 class SceneMaps:
-    """What a `segments` artifact holds."""
+    """Which segmenters a run uses (none: no scene maps) and why, in a line; what a `segments` artifact holds."""
 
-    present: bool
     segmenters: tuple[str, ...]
-    plan: str  # why these segmenters (or none), one line
+    plan: str
+
+    @property
+    def present(self) -> bool:
+        return bool(self.segmenters)
 
 
 def details(scene: SceneMaps) -> dict:
@@ -33,7 +36,7 @@ def scene_maps_of(segments: Artifact) -> SceneMaps:
     """Read back what `details` recorded; an error naming the artifact when it is not a segments artifact."""
     d = segments.manifest.details
     try:
-        return SceneMaps(bool(d["scene_maps"]), tuple(d["segmenters"]), str(d["plan"]))
+        return SceneMaps(tuple(d["segmenters"]), str(d["plan"]))
     except KeyError as e:
         raise ArtifactError(f"{segments.ref}: manifest details have no {e.args[0]!r} (not a segments artifact, "
                             "or one written before scene maps were recorded: rerun `muse run segment`)") from None

@@ -322,10 +322,10 @@ def test_segmenters_auto_picks_masks_then_local_models_then_none(tmp_path, monke
     assert c.segmenters == "auto"
     assert plan(c, masks_shipped=True).segmenters == ("masks",)
     none = plan(c, masks_shipped=False)
-    assert none.segmenters == () and not none.scene_maps and "neither a local directory nor in the Hugging Face cache" \
-        in none.reason
+    assert none.segmenters == () and not none.present and "neither a local directory nor in the Hugging Face cache" \
+        in none.plan
     mistyped = plan(SegmentConfig(panoptic={"model": str(tmp_path / "no-such-model")}), masks_shipped=False)
-    assert mistyped.segmenters == () and "no-such-model" in mistyped.reason
+    assert mistyped.segmenters == () and "no-such-model" in mistyped.plan
     local = SegmentConfig(panoptic={"model": str(_tiny_mask2former(tmp_path / "m2f", COCO_NAMES))})
     assert plan(local, masks_shipped=False).segmenters == ("panoptic",)
     assert plan(SegmentConfig(segmenters="none"), masks_shipped=True).segmenters == ()

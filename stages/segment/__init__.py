@@ -36,7 +36,7 @@ from muse.datasets.shards import SPLITS, read_samples, shard_files
 from muse.ray_runtime import gpus_per_actor, init_ray
 
 from .merge import SegmentMaps, merge
-from .segmenters import ROLES, SceneInput, SegmentPlan, available_models, build_segmenter, check, plan
+from .segmenters import ROLES, SceneInput, available_models, build_segmenter, check, plan
 
 NAME = "segment"
 INPUTS: tuple[str, ...] = ("shards",)
@@ -249,14 +249,14 @@ def _preview(shards: Artifact, maps: dict[str, tuple[bytes, bytes]], space: Labe
         Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
 
 
-def _record_no_scene_maps(config: PipelineConfig, shards: Artifact, store: ArtifactStore, p: SegmentPlan,
+def _record_no_scene_maps(config: PipelineConfig, shards: Artifact, store: ArtifactStore, p: SceneMaps,
                           space: LabelSpace) -> Artifact:
     """The `segments` artifact of a run without scene maps: no tars, the reason in the manifest."""
     samples = sum(len(_shard_keys(path)) for split in SPLITS for path in shard_files(shards.path, split))
     with store.create("segments", stage=NAME, config=config_of(config), inputs={"shards": shards.version},
                       code_version=CODE_VERSION) as out:
         out.metrics = {"samples": samples, "segmented": 0, "failed": 0, "scene_maps": 0}
-        out.details = {**details(SceneMaps(False, (), p.reason)), "label_space": space.to_json()}
+        out.details = {**details(p), "label_space": space.to_json()}
     log.warning("segment: no scene maps, so the scene tokenizer and seg_tokens are skipped")
     return out.artifact
 
@@ -268,11 +268,11 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     space = build_label_space(c.dataset_classes)
     check(c)
     p = plan(c, _masks_shipped([path for split in SPLITS for path in shard_files(shards.path, split)]))
-    log.info("segment: %s: %s", p.reason, ", ".join(p.segmenters) or "no scene maps")
-    if not p.scene_maps:
+    log.info("segment: %s: %s", p.plan, ", ".join(p.segmenters) or "no scene maps")
+    if not p.present:
         wanted = _scene_conditioned(config)
         if wanted:
-            raise ConfigError(f"{wanted[0]} needs scene maps, but this run has none ({p.reason})")
+            raise ConfigError(f"{wanted[0]} needs scene maps, but this run has none ({p.plan})")
         return _record_no_scene_maps(config, shards, store, p, space)
     init_ray(config.ray)
     start = time.perf_counter()
@@ -339,7 +339,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
             "images_per_s": round(counts["samples"] / elapsed, 1),
         }
         out.details = {
-            **details(SceneMaps(True, p.segmenters, p.reason)), "label_space": space.to_json(), "failures": failures,
+            **details(p), "label_space": space.to_json(), "failures": failures,
             "duplicates_dropped": counts["duplicates_dropped"],
             "tables": {"classes": [
                 {"label": space.names[i], "group": space.groups[i], "pixels": int(n), "fraction": round(float(n) / total, 4)}

@@ -27,6 +27,7 @@ from muse.config import (
 )
 from muse.datasets.demo import panoptic_ids
 from muse.datasets.labels import COCO_STUFF, COCO_THINGS, LIP_CLASSES, LabelSpace
+from muse.datasets.segments import SceneMaps
 
 from .merge import SegmentMaps
 
@@ -324,18 +325,6 @@ class FaceSegmenter:
 # ----------------------------------------------------------------------------- which segmenters a run uses
 
 
-@dataclass(frozen=True)
-class SegmentPlan:
-    """The segmenters a run uses (empty: no scene maps) and why, in a line for the log and the manifest."""
-
-    segmenters: tuple[str, ...]
-    reason: str
-
-    @property
-    def scene_maps(self) -> bool:
-        return bool(self.segmenters)
-
-
 def _hub_weights_local(model: str) -> bool:
     """A checkpoint directory, or a hub id whose weights are already in the local Hugging Face cache."""
     if Path(model).is_dir():
@@ -402,18 +391,18 @@ def check(c: SegmentConfig) -> None:
                                "HF_HUB_OFFLINE is set: point it at a local checkpoint directory")
 
 
-def plan(c: SegmentConfig, masks_shipped: bool) -> SegmentPlan:
+def plan(c: SegmentConfig, masks_shipped: bool) -> SceneMaps:
     """The segmenters a run uses for a source that does (or does not) ship COCO-panoptic masks."""
     if c.segmenters == "none":
-        return SegmentPlan((), "segment.segmenters is none")
+        return SceneMaps((), "segment.segmenters is none")
     if isinstance(c.segmenters, list):
-        return SegmentPlan(tuple(c.segmenters), "segment.segmenters lists them")
+        return SceneMaps(tuple(c.segmenters), "segment.segmenters lists them")
     if masks_shipped:
-        return SegmentPlan(("masks",), "auto: the source ships COCO-panoptic masks")
+        return SceneMaps(("masks",), "auto: the source ships COCO-panoptic masks")
     models, why_not = available_models(c)
     if models:
-        return SegmentPlan(tuple(models), "auto: the source ships no masks; these models' weights are on this machine")
-    return SegmentPlan((), f"auto: the source ships no masks and no segmenter model can run here ({why_not})")
+        return SceneMaps(tuple(models), "auto: the source ships no masks; these models' weights are on this machine")
+    return SceneMaps((), f"auto: the source ships no masks and no segmenter model can run here ({why_not})")
 
 
 def build_segmenter(name: str, config, space: LabelSpace, device: str) -> Segmenter:
