@@ -46,6 +46,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling(pipe, args: argparse.Namespace):
     """The pipeline's sampler settings (the trained ones) with the given flags applied."""
+    from pydantic import ValidationError
+
     from muse.config import SamplerConfig, SamplingConfig
 
     both = {k: getattr(args, k) for k in ("guidance_schedule", "temperature", "confidence_temperature", "top_k")
@@ -55,7 +57,7 @@ def _sampling(pipe, args: argparse.Namespace):
         update = both | {k: v for k, v in (("steps", steps), ("guidance_scale", scale)) if v is not None}
         try:
             return SamplerConfig.model_validate(current.model_dump() | update)
-        except ValueError as e:
+        except ValidationError as e:
             raise ConfigError(f"sampler flags: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
 
     s = pipe.sampling
