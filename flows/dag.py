@@ -17,6 +17,7 @@ from muse.stages import (
     shard,
     tokenize,
     train_base,
+    train_guide,
     train_superres,
     train_vqgan,
 )
@@ -26,7 +27,8 @@ FULL_TRAIN = "full-train"
 # Topological order: every stage comes after the producers of its inputs.
 STAGES: dict[str, ModuleType] = {
     m.NAME: m
-    for m in (shard, segment, train_vqgan, tokenize, train_base, train_superres, finetune_decoder, evaluate)
+    for m in (shard, segment, train_vqgan, tokenize, train_base, train_guide, train_superres, finetune_decoder,
+              evaluate)
 }
 
 PRODUCER: dict[str, str] = {kind: name for name, m in STAGES.items() for kind in m.OUTPUTS}
@@ -39,13 +41,20 @@ def upstream_stages(name: str) -> list[str]:
     return sorted({PRODUCER[kind] for kind in STAGES[name].INPUTS}, key=list(STAGES).index)
 
 
-def stages_for(target: str) -> list[str]:
-    """Stages a target runs, in topological order: all of them, or the one named."""
+def stages_for(target: str, config) -> list[str]:
+    """Stages a target runs, in topological order: every enabled one, or the one named (even if disabled)."""
     if target == FULL_TRAIN:
-        return list(STAGES)
+        return [name for name, m in STAGES.items() if getattr(m, "enabled", lambda c: True)(config)]
     if target not in STAGES:
         raise ConfigError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     return [target]
+
+
+def inputs_of(name: str, config) -> tuple[str, ...]:
+    """The input kinds a stage reads under this config: `inputs_of(config)` where the stage has one (optional in
+    the stage protocol), else all of INPUTS, which lists every kind it may read (the DAG's edges)."""
+    own = getattr(STAGES[name], "inputs_of", None)
+    return STAGES[name].INPUTS if own is None else own(config)
 
 
 def preflight(names: list[str], config) -> list[str]:

@@ -27,7 +27,7 @@ from muse.config import ConfigError, PipelineConfig, load_config
 from muse.errors import UserError
 from muse.stage import output_versions
 
-from .dag import FULL_TRAIN, PRODUCER, STAGES, TARGETS, preflight, stages_for, upstream_stages
+from .dag import FULL_TRAIN, PRODUCER, STAGES, TARGETS, inputs_of, preflight, stages_for, upstream_stages
 from .policy import DeploymentPolicy
 
 
@@ -36,11 +36,11 @@ class MissingInput(UserError, RuntimeError):
 
 
 def resolve_inputs(
-    name: str, store: ArtifactStore, produced: dict[str, str], pinned: dict[str, str]
+    name: str, config: PipelineConfig, store: ArtifactStore, produced: dict[str, str], pinned: dict[str, str]
 ) -> dict[str, Artifact]:
     """Input artifacts of a stage: produced by this run, pinned by the caller, or `latest`."""
     inputs = {}
-    for kind in STAGES[name].INPUTS:
+    for kind in inputs_of(name, config):
         version = produced.get(kind) or pinned.get(kind)
         try:
             inputs[kind] = store.check(store.get(kind, version))  # never use tampered or rotted data as good
@@ -76,7 +76,7 @@ def _run_stage(name: str, config: PipelineConfig, store_root: str, upstream: lis
     stage = STAGES[name]
     store = open_store(store_root)
     produced = {k: v for refs in upstream for k, v in refs.items()}
-    inputs = resolve_inputs(name, store, produced, pinned)
+    inputs = resolve_inputs(name, config, store, produced, pinned)
     input_versions = {kind: a.version for kind, a in inputs.items()}
     versions = output_versions(stage, config, input_versions)
     key = "-".join(versions[kind] for kind in stage.OUTPUTS)
@@ -139,8 +139,8 @@ def muse(
         for name in force:
             if name not in STAGES:
                 raise ConfigError(f"--force {name!r}: unknown stage; choose from {', '.join(STAGES)}")
-        names = stages_for(target)
         config = load_config(preset, config_file, overrides or [])
+        names = stages_for(target, config)
         if source is not None:
             config.shard.source = source
         if policy is not None:

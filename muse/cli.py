@@ -40,6 +40,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="token sampling temperature (annealed to 0), both passes")
     p.add_argument("--confidence-temperature", type=float, help="randomness of which tokens are kept, both passes")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens, both passes")
+    p.add_argument("--guide-scale", type=float, help="mid-layer guidance of the base pass by the trained guide; "
+                   "0 = off, negative steers away" + trained)
+    p.add_argument("--guide-label", help="with a guide trained on labels: the class steered towards")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-superres", action="store_true", help="decode the base tokens with vqgan-low")
 
@@ -61,8 +64,10 @@ def _sampling(pipe, args: argparse.Namespace):
             raise ConfigError(f"sampler flags: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
 
     s = pipe.sampling
+    guide = {k: v for k, v in (("scale", args.guide_scale), ("label", args.guide_label)) if v is not None}
     return SamplingConfig(base=apply(s.base, args.steps, args.guidance_scale),
-                          superres=apply(s.superres, args.superres_steps, args.superres_guidance_scale))
+                          superres=apply(s.superres, args.superres_steps, args.superres_guidance_scale),
+                          guide=s.guide.model_copy(update=guide))
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -85,7 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--force {name!r}: unknown stage; choose from {', '.join(STAGES)}")
     pinned = _pairs(args.inputs, "--input")
     # Fail fast, before Prefect starts: the config, then what the stages can check up front (the flow checks again).
-    preflight(stages_for(args.target), load_config(args.preset, args.config, args.overrides))
+    config = load_config(args.preset, args.config, args.overrides)
+    preflight(stages_for(args.target, config), config)
 
     from prefect.exceptions import FailedRun
 

@@ -388,6 +388,32 @@ class MaskedTransformerStageConfig(Section):
     workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Ray Train data parallelism.")
 
 
+class TrainGuideConfig(Section):
+    """Stage `train-guide`: a small head on the frozen base's mid-layer hidden states, whose gradient steers
+    sampling (`muse.guidance`)."""
+
+    enabled: bool = Field(True, description="Train a guide in full-train (and let evaluate compare guided samples).")
+    target: Literal["caption", "score", "label"] = Field("caption", description=(
+        "caption: contrastive agreement of the pooled features with the caption's text embedding; score: a "
+        "number from each sample's metadata; label: a class from each sample's metadata."))
+    field: str | None = Field(None, description="score / label: dotted path of the value in a sample's metadata "
+                              "JSON, list items by index (e.g. aesthetic, source_info.objects.0.shape).")
+    score_bins: int = Field(0, ge=0, description="score: 0 = regression on the value; n >= 2 = classification "
+                            "into n quantile bins of the train values.")
+    block: int | None = Field(None, ge=0, description="Base block whose output is hooked; None = the middle one "
+                              "(depth // 2).")
+    dim: int = Field(128, ge=8, description="Width of the head.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+
+    @model_validator(mode="after")
+    def _field_for_metadata_targets(self) -> "TrainGuideConfig":
+        if self.target in ("score", "label") and not self.field:
+            raise ValueError(f"target {self.target} needs field (where the value is in each sample's metadata)")
+        if self.score_bins == 1:
+            raise ValueError("score_bins must be 0 (regression) or at least 2")
+        return self
+
+
 class FinetuneDecoderConfig(Section):
     """Stage `finetune-decoder`: a larger decoder for the frozen high-res tokenizer."""
 
@@ -411,6 +437,14 @@ class SamplerConfig(Section):
     top_k: int | None = Field(None, ge=1, description="Sample among the k most likely tokens; None = all.")
 
 
+class GuideSamplingConfig(Section):
+    """Mid-layer guidance while the base samples (`muse.guidance`), with a `guide` artifact trained for that base."""
+
+    scale: float = Field(0.0, description="Step along the guide head's gradient, in units of the hooked hidden "
+                         "states' RMS per position; 0 = off, a negative scale steers away.")
+    label: str | None = Field(None, description="Guides trained on `label`: the class steered towards.")
+
+
 class SamplingConfig(Section):
     """How images are sampled from the trained transformers, by evaluate, the training previews, the Python API
     and `muse generate` / `muse edit`. A trained transformer records its pass, so generation defaults to the
@@ -419,6 +453,8 @@ class SamplingConfig(Section):
     base: SamplerConfig = Field(default_factory=SamplerConfig, description="The base pass (low-res tokens).")
     superres: SamplerConfig = Field(default_factory=lambda: SamplerConfig(steps=8),
                                     description="The super-res pass (high-res tokens from the low-res ones).")
+    guide: GuideSamplingConfig = Field(default_factory=GuideSamplingConfig,
+                                       description="Mid-layer guidance of the base pass.")
 
 
 class EvaluateConfig(Section):
@@ -432,6 +468,8 @@ class EvaluateConfig(Section):
         None, description="open_clip tag or checkpoint path; None = random weights (the score is flagged as such).")
     inception_weights: str | None = Field(
         None, description="torchvision inception_v3 state-dict path for FID; None = FID skipped with the reason.")
+    guide_scales: list[float] = Field([0.0, 0.25], description="With a trained guide: guide scales sampled too "
+                                      "(same prompts and seeds) and graded beside the `sampling` section's own.")
 
 
 class PipelineConfig(Section):
@@ -448,6 +486,7 @@ class PipelineConfig(Section):
                                                      description="Stage train-base.")
     train_superres: MaskedTransformerStageConfig = Field(default_factory=MaskedTransformerStageConfig,
                                                          description="Stage train-superres.")
+    train_guide: TrainGuideConfig = Field(default_factory=TrainGuideConfig, description="Stage train-guide.")
     finetune_decoder: FinetuneDecoderConfig = Field(
         default_factory=FinetuneDecoderConfig, description="Stage finetune-decoder."
     )

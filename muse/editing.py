@@ -119,12 +119,14 @@ def edit_tokens(pipe: Pipeline, image: Image.Image, prompt: str, mask: Image.Ima
                 negative: str | None = None, seed: int = 0, superres: bool = True, mask_free_iterations: int = 6,
                 mask_free_fraction: float = 0.15, sampling: SamplingConfig | None = None, steps: int | None = None,
                 superres_steps: int | None = None, guidance_scale: float | None = None,
-                superres_guidance_scale: float | None = None) -> dict[str, torch.Tensor]:
+                superres_guidance_scale: float | None = None,
+                guide_scale: float | None = None) -> dict[str, torch.Tensor]:
     """Edited token grids of one image: inpaint where `mask` is white, or edit mask-free when `mask` is None,
     sampled with `pipe.resolve_sampling(sampling, steps, ...)` (mask-free splits the base steps over its rounds).
     Returns tokens_low (and tokens_high with super-res) plus the original grids as `original_low/high`."""
-    sampling = pipe.resolve_sampling(sampling, steps, superres_steps, guidance_scale, superres_guidance_scale)
-    sampler, steps = sampling.base, sampling.base.steps
+    sampling = pipe.resolve_sampling(sampling, steps, superres_steps, guidance_scale, superres_guidance_scale,
+                                     guide_scale)
+    sampler, steps, guide = sampling.base, sampling.base.steps, sampling.guide
     gen = torch.Generator(pipe.device).manual_seed(seed)
     neg = None if negative is None else [negative]
     low_side = pipe.vq_low.cfg.token_side
@@ -132,7 +134,8 @@ def edit_tokens(pipe: Pipeline, image: Image.Image, prompt: str, mask: Image.Ima
     mask_id = pipe.base.spec.mask_id
     if mask is not None:
         edit = token_mask(mask, low_side).to(pipe.device)
-        low = pipe._tokens(pipe.base, [prompt], neg, sampler, gen, tokens=original_low.masked_fill(edit, mask_id))
+        low = pipe.sample_tokens(pipe.base, [prompt], neg, sampler, gen, tokens=original_low.masked_fill(edit, mask_id),
+                                 guide=guide)
     else:
         if not 0 < mask_free_fraction < 1:
             raise ValueError(f"mask_free_fraction must be in (0, 1), got {mask_free_fraction}")
@@ -143,8 +146,8 @@ def edit_tokens(pipe: Pipeline, image: Image.Image, prompt: str, mask: Image.Ima
             score = token_log_likelihood(pipe, pipe.base, low, prompt, negative, sampler.guidance_scale, gen)
             worst = torch.zeros_like(low, dtype=torch.bool)
             worst[0, score[0].argsort()[:k]] = True
-            low = pipe._tokens(pipe.base, [prompt], neg, sampler.model_copy(update={"steps": per_round}), gen,
-                               tokens=low.masked_fill(worst, mask_id))
+            low = pipe.sample_tokens(pipe.base, [prompt], neg, sampler.model_copy(update={"steps": per_round}), gen,
+                                     tokens=low.masked_fill(worst, mask_id), guide=guide)
     out = {"tokens_low": low, "original_low": original_low}
     if superres and pipe.superres is not None:
         high_side = pipe.vq_high.cfg.token_side
@@ -155,6 +158,6 @@ def edit_tokens(pipe: Pipeline, image: Image.Image, prompt: str, mask: Image.Ima
         out["original_high"] = original_high
         out["tokens_high"] = original_high
         if redo.any():
-            out["tokens_high"] = pipe._tokens(pipe.superres, [prompt], neg, sampling.superres,
-                                              gen, cond=low, tokens=original_high.masked_fill(redo, mask_id))
+            out["tokens_high"] = pipe.sample_tokens(pipe.superres, [prompt], neg, sampling.superres,
+                                                    gen, cond=low, tokens=original_high.masked_fill(redo, mask_id))
     return out

@@ -4,7 +4,8 @@
 their configs, the text encoder they were trained with, and the `decoder` artifact when one
 was finetuned for that `vqgan-high` version. `lineage` says which versions produced an image;
 `sampling` holds the sampler settings the transformers were trained with, the default of
-every call.
+every call. A `guide` artifact trained for the loaded base is loaded too: with a non-zero
+`sampling.guide.scale` it steers the base pass (`muse.guidance`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import torch
 from PIL import Image
 
 from muse.artifacts.store import Artifact, ArtifactStore
-from muse.config import SamplerConfig, SamplingConfig, TextEncoderConfig
+from muse.config import ConfigError, GuideSamplingConfig, SamplerConfig, SamplingConfig, TextEncoderConfig
 from muse.distributed import autocast
+from muse.guidance import steer
+from muse.models.guide import GuideHead, load_guide, pooled_text
 from muse.models.text import load_text_encoder
 from muse.models.transformer import MaskedTransformer, load_transformer
 from muse.models.vqgan import from_pretrained, load_decoder
@@ -29,8 +32,9 @@ def to_images(x: torch.Tensor) -> list[Image.Image]:
 
 class Pipeline:
     def __init__(self, store: ArtifactStore, device: torch.device | str | None = None,
-                 pins: dict[str, Artifact] | None = None):
-        """`pins` fixes artifacts by kind (base, superres, decoder); the rest are the store's latest."""
+                 pins: dict[str, Artifact | None] | None = None):
+        """`pins` fixes artifacts by kind (base, superres, decoder, guide; a guide pinned to None: no guide); the
+        rest are the store's latest."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pins = pins or {}
         base = pins.get("base") or store.get("base")
@@ -48,6 +52,14 @@ class Pipeline:
             seg = store.resolve(config["tokenizers"]["seg_tokens"])
             self.vq_seg = from_pretrained(seg.path).to(self.device)
             self.lineage["vqseg"] = seg.version
+        self.guide: GuideHead | None = None
+        guide = pins["guide"] if "guide" in pins else (store.get("guide") if store.latest_version("guide") else None)
+        if guide is not None and guide.manifest.inputs.get("base") == base.version:
+            self.guide, guide_config = load_guide(guide.path)
+            self.guide.to(self.device)
+            self.sampling = self.sampling.model_copy(
+                update={"guide": GuideSamplingConfig.model_validate(guide_config["sampling"])})
+            self.lineage["guide"] = guide.version
         self.superres: MaskedTransformer | None = None
         self.decoder = None
         if "superres" in pins or store.latest_version("superres") is not None:
@@ -66,16 +78,19 @@ class Pipeline:
 
     def resolve_sampling(self, sampling: SamplingConfig | None = None, steps: int | None = None,
                          superres_steps: int | None = None, guidance_scale: float | None = None,
-                         superres_guidance_scale: float | None = None) -> SamplingConfig:
+                         superres_guidance_scale: float | None = None,
+                         guide_scale: float | None = None) -> SamplingConfig:
         """`sampling` (default: the trained transformers' own settings) with the given knobs replaced."""
         sampling = sampling or self.sampling
         base = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance_scale)) if v is not None}
         sr = {k: v for k, v in (("steps", superres_steps), ("guidance_scale", superres_guidance_scale)) if v is not None}
-        return SamplingConfig(base=sampling.base.model_copy(update=base), superres=sampling.superres.model_copy(update=sr))
+        guide = {} if guide_scale is None else {"scale": guide_scale}
+        return SamplingConfig(base=sampling.base.model_copy(update=base), superres=sampling.superres.model_copy(update=sr),
+                              guide=sampling.guide.model_copy(update=guide))
 
     @classmethod
     def from_store(cls, store: ArtifactStore, device: torch.device | str | None = None,
-                   pins: dict[str, Artifact] | None = None) -> "Pipeline":
+                   pins: dict[str, Artifact | None] | None = None) -> "Pipeline":
         return cls(store, device, pins)
 
     def _memory(self, model: MaskedTransformer, prompts: list[str], cond: torch.Tensor | None = None,
@@ -94,13 +109,34 @@ class Pipeline:
             scene = scene.expand(emb.shape[0], -1)
         return model.memory(emb, mask, cond, scene)
 
-    def _tokens(self, model: MaskedTransformer, prompts: list[str], negative: list[str] | None, cfg: SamplerConfig,
-                generator: torch.Generator, cond: torch.Tensor | None = None,
-                tokens: torch.Tensor | None = None, scene: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample token grids; the scene (a layout) conditions both guidance branches, only the text is dropped."""
-        with self.precision():
+    def sample_tokens(self, model: MaskedTransformer, prompts: list[str], negative: list[str] | None,
+                      cfg: SamplerConfig, generator: torch.Generator, cond: torch.Tensor | None = None,
+                      tokens: torch.Tensor | None = None, scene: torch.Tensor | None = None,
+                      guide: GuideSamplingConfig | None = None) -> torch.Tensor:
+        """Token grids by iterative decoding; the scene (a layout) conditions both guidance branches, only the text
+        is dropped. `guide` (base model only) steers the pass with this pipeline's guide head."""
+        scale = 0.0 if guide is None else guide.scale
+        if scale and (self.guide is None or model is not self.base):
+            raise ConfigError("sampling.guide.scale: no guide for this model (run `muse run train-guide` for the base)")
+        with self.precision(), steer(model, self.guide, self.guide_condition(prompts, guide), scale):
             memories = self.guidance_memories(model, prompts, negative, cond, scene)
             return decode(model, *memories, cfg, generator, tokens)
+
+    def guide_condition(self, prompts: list[str], guide: GuideSamplingConfig | None) -> torch.Tensor | None:
+        """What the guide steers each prompt's image towards: its pooled caption embedding, the class id of
+        `guide.label`, or nothing (a score)."""
+        if self.guide is None or guide is None or not guide.scale:
+            return None
+        spec = self.guide.spec
+        if spec.target == "caption":
+            emb, mask = self.text.encode(prompts)
+            return pooled_text(emb[:, :self.max_length], mask[:, :self.max_length])
+        if spec.target == "label":
+            if guide.label not in spec.classes:
+                raise ConfigError(f"sampling.guide.label: {guide.label!r} is not a class of this guide; "
+                                  f"choose from {', '.join(spec.classes)}")
+            return torch.full((len(prompts),), spec.classes.index(guide.label), device=self.device)
+        return None
 
     def guidance_memories(self, model: MaskedTransformer, prompts: list[str], negative: list[str] | None,
                           cond: torch.Tensor | None = None, scene: torch.Tensor | None = None):
@@ -122,8 +158,8 @@ class Pipeline:
     def generate_tokens(self, prompts: list[str], negative: list[str] | None = None, seed: int = 0,
                         sampling: SamplingConfig | None = None, steps: int | None = None,
                         superres_steps: int | None = None, guidance_scale: float | None = None,
-                        superres_guidance_scale: float | None = None, superres: bool = True,
-                        scene: torch.Tensor | None = None,
+                        superres_guidance_scale: float | None = None, guide_scale: float | None = None,
+                        superres: bool = True, scene: torch.Tensor | None = None,
                         tokens_low: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Base (then super-res) token grids for the prompts, sampled with `resolve_sampling(sampling, steps, ...)`;
         `scene` is [1, n] scene tokens (see `muse.editing.scene_tokens`) laid out for every prompt, for a base
@@ -131,10 +167,12 @@ class Pipeline:
         of sampling the base."""
         if scene is not None and self.vq_seg is None:
             raise ValueError("this base model was trained without scene tokens (train_base.scene_conditioning: false)")
-        sampling = self.resolve_sampling(sampling, steps, superres_steps, guidance_scale, superres_guidance_scale)
+        sampling = self.resolve_sampling(sampling, steps, superres_steps, guidance_scale, superres_guidance_scale,
+                                         guide_scale)
         gen = torch.Generator(self.device).manual_seed(seed)
         if tokens_low is None:
-            low = self._tokens(self.base, prompts, negative, sampling.base, gen, scene=scene)
+            low = self.sample_tokens(self.base, prompts, negative, sampling.base, gen, scene=scene,
+                                     guide=sampling.guide)
         else:
             side = self.vq_low.cfg.token_side
             if tuple(tokens_low.shape) != (len(prompts), side * side):
@@ -144,7 +182,7 @@ class Pipeline:
         out = {"tokens_low": low}
         if superres and self.superres is not None:
             sr_scene = scene if self.superres.spec.scene_codebook_size else None
-            out["tokens_high"] = self._tokens(self.superres, prompts, negative, sampling.superres, gen, cond=low,
+            out["tokens_high"] = self.sample_tokens(self.superres, prompts, negative, sampling.superres, gen, cond=low,
                                               scene=sr_scene)
         return out
 

@@ -8,7 +8,9 @@ the finetuned decoder's val reconstruction PSNR, and codebook usage of the token
 data, the alignment of each link fed its true input (the base's samples decoded by the
 low-res tokenizer, tokenizer and decoder reconstructions, super-res from the real low-res
 tokens) says where generated images lose what the caption names. A grid of prompts and
-samples goes to the Prefect page.
+samples goes to the Prefect page. With a `guide` artifact (train_guide.enabled), the same
+prompts and seeds are also sampled at each of `evaluate.guide_scales`, and the `guidance`
+table gives each scale's alignment figures and time per image.
 """
 
 from __future__ import annotations
@@ -30,12 +32,18 @@ from muse.generate import Pipeline, to_images
 from muse.training import seeded
 
 NAME = "evaluate"
-INPUTS: tuple[str, ...] = ("shards", "vqgan-low", "vqgan-high", "tokens", "base", "superres", "decoder")
+INPUTS: tuple[str, ...] = ("shards", "vqgan-low", "vqgan-high", "tokens", "base", "superres", "decoder", "guide")
 OUTPUTS: tuple[str, ...] = ("report",)
 CODE_VERSION = "4"  # 2: alignment by link; 3: the base's own link; 4: seeded random CLIP weights
 BASE_LINK = "base samples through the vqgan-low decoder"
+PARTS = ("colour", "shape", "position")
 
 log = logging.getLogger("muse.stages.evaluate")
+
+
+def inputs_of(config: PipelineConfig) -> tuple[str, ...]:
+    """Every input but `guide` when no guide is trained."""
+    return INPUTS if config.train_guide.enabled else tuple(k for k in INPUTS if k != "guide")
 
 
 def config_of(config: PipelineConfig) -> dict:
@@ -69,7 +77,7 @@ def grade_samples(images: list[Image.Image], samples: list[dict]) -> list[list[d
 def alignment(per_image: list[list[dict[str, bool]]]) -> dict[str, float]:
     """Fraction of named objects graded right for colour, shape and position."""
     objects = [r for g in per_image for r in g]
-    return {part: round(float(np.mean([r[part] for r in objects])), 4) for part in ("colour", "shape", "position")}
+    return {part: round(float(np.mean([r[part] for r in objects])), 4) for part in PARTS}
 
 
 def alignment_by_link(pipe: Pipeline, samples: list[dict], tokens_root, c: EvaluateConfig,
@@ -107,6 +115,19 @@ def alignment_by_link(pipe: Pipeline, samples: list[dict], tokens_root, c: Evalu
             [s["caption"] for s in chunk], tokens_low=low, sampling=sampling, seed=c.seed + i)
     return [{"link": name, "images": len(ims), **alignment(grade_samples(ims, samples))}
             for name, ims in images.items()]
+
+
+def generate(pipe: Pipeline, captions: list[str], sampling: SamplingConfig,
+             c: EvaluateConfig) -> tuple[list[Image.Image], list[torch.Tensor], float]:
+    """(images, base token grids per batch, seconds) for the captions, in batches seeded by their position."""
+    images: list[Image.Image] = []
+    tokens_low: list[torch.Tensor] = []
+    start = time.perf_counter()
+    for i in range(0, len(captions), c.batch_size):
+        tokens = pipe.generate_tokens(captions[i:i + c.batch_size], sampling=sampling, seed=c.seed + i)
+        images += to_images(pipe.decode_tokens(tokens))
+        tokens_low.append(tokens["tokens_low"])
+    return images, tokens_low, time.perf_counter() - start
 
 
 def fid(generated: list[Image.Image], real: list[Image.Image], weights: str | None) -> dict:
@@ -162,26 +183,26 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     if not samples:
         split = "train"
         samples = [s for _, s in zip(range(c.num_prompts), read_samples(inputs["shards"].path, split))]
-    pipe = Pipeline.from_store(store, pins={k: inputs[k] for k in ("base", "superres", "decoder")})
+    pipe = Pipeline.from_store(store, pins={k: inputs.get(k) for k in ("base", "superres", "decoder", "guide")})
+    sampling = config.sampling
+    if pipe.guide is None:  # no guide trained in this run: the guide scale has nothing to steer with
+        sampling = sampling.model_copy(update={"guide": sampling.guide.model_copy(update={"scale": 0.0})})
     captions = [s["caption"] for s in samples]
-    images: list[Image.Image] = []
-    tokens_low: list[torch.Tensor] = []
-    start = time.perf_counter()
-    for i in range(0, len(captions), c.batch_size):
-        tokens = pipe.generate_tokens(captions[i:i + c.batch_size], sampling=config.sampling, seed=c.seed + i)
-        images += to_images(pipe.decode_tokens(tokens))
-        tokens_low.append(tokens["tokens_low"])
-    seconds = time.perf_counter() - start
+    images, tokens_low, seconds = generate(pipe, captions, sampling, c)
     metrics: dict = {"prompts": len(images), "prompt_split": split,
                      "seconds_per_image": round(seconds / max(len(images), 1), 4)}
-    rows, links = [], []
+    rows, links, guidance = [], [], []
     is_demo = ["objects" in s["info"].get("source_info", {}) for s in samples]
     demo = [(s, img) for s, img, keep in zip(samples, images, is_demo) if keep]
+
+    def graded(imgs: list[Image.Image]) -> dict[str, float]:
+        return alignment(grade_samples([img for img, keep in zip(imgs, is_demo) if keep], [s for s, _ in demo]))
+
     if demo:
         per_image = grade_samples([img for _, img in demo], [s for s, _ in demo])
         metrics.update({f"alignment_{part}": value for part, value in alignment(per_image).items()})
         rows = [{"key": s["key"], "caption": s["caption"],
-                 **{p: all(r[p] for r in g) for p in ("colour", "shape", "position")}}
+                 **{p: all(r[p] for r in g) for p in PARTS}}
                 for (s, _), g in zip(demo, per_image)]
         # The base's own link: its samples seen through the low-res decoder, before super-res.
         base_images = to_images(pipe.decode_tokens({"tokens_low": torch.cat(tokens_low)}))
@@ -189,7 +210,20 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
         links = [{"link": BASE_LINK, "images": len(base_images),
                   **alignment(grade_samples(base_images, [s for s, _ in demo]))}]
         if split == "val":  # the tokens artifact holds the val images' own tokens
-            links += alignment_by_link(pipe, [s for s, _ in demo], inputs["tokens"].path, c, config.sampling)
+            links += alignment_by_link(pipe, [s for s, _ in demo], inputs["tokens"].path, c, sampling)
+    if pipe.guide is not None:
+        metrics["guide_scale"] = sampling.guide.scale
+        guidance = [{"guide_scale": sampling.guide.scale, "seconds_per_image": metrics["seconds_per_image"],
+                     **({p: metrics[f"alignment_{p}"] for p in PARTS} if demo else {})}]
+        for scale in c.guide_scales:
+            if scale == sampling.guide.scale:
+                continue
+            steered = sampling.model_copy(update={"guide": sampling.guide.model_copy(update={"scale": scale})})
+            other, _, seconds = generate(pipe, captions, steered, c)
+            guidance.append({"guide_scale": scale, "seconds_per_image": round(seconds / max(len(other), 1), 4),
+                             **(graded(other) if demo else {})})
+            if demo:
+                metrics.update({f"alignment_{p}_guide{scale:g}": guidance[-1][p] for p in PARTS})
     metrics.update(clip_score(images, captions, c))
     metrics.update(fid(images, [s["image"] for s in samples], c.inception_weights))
     for kind, key in (("vqgan-low", "psnr"), ("vqgan-high", "psnr"), ("decoder", "new_psnr")):
@@ -204,10 +238,11 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
         for s, img in zip(samples, images):
             img.save(out.path / "samples" / f"{s['key']}.png")
         (out.path / "report.json").write_text(json.dumps({"metrics": metrics, "alignment_by_link": links,
+                                                          "guidance": guidance,
                                                           "lineage": pipe.lineage, "prompts": rows or captions},
                                                          indent=2))
         out.metrics = metrics
-        tables = {"alignment": rows, "alignment-by-link": links}
+        tables = {"alignment": rows, "alignment-by-link": links, "guidance": guidance}
         out.details = {"lineage": pipe.lineage, "tables": {k: v for k, v in tables.items() if v}}
     log.info("evaluate: %s", metrics)
     for link in links:

@@ -26,6 +26,8 @@ SMALL = [
     "train_superres.train.steps=4",
     "train_superres.train.batch_size=4",
     "train_superres.model={dim: 32, depth: 1, heads: 2, cond_depth: 1}",
+    "train_guide.train.steps=4",
+    "train_guide.train.batch_size=4",
     "finetune_decoder.train.steps=4",
     "finetune_decoder.train.batch_size=4",
     "evaluate.num_prompts=4",
@@ -86,12 +88,13 @@ def pipeline_store(tmp_path_factory, ray_local):
 
 @pytest.fixture(scope="session")
 def trained_store(pipeline_store):
-    """pipeline_store plus base, superres, decoder and report (a few steps each), built once per session."""
-    from muse.stages import evaluate, finetune_decoder, train_base, train_superres
+    """pipeline_store plus base, guide, superres, decoder and report (a few steps each), built once per session."""
+    from muse.stages import evaluate, finetune_decoder, train_base, train_guide, train_superres
 
     cfg, store, arts = pipeline_store
     arts = dict(arts)
     arts["base"] = train_base.run(cfg, arts, store)
+    arts["guide"] = train_guide.run(cfg, arts, store)
     arts["superres"] = train_superres.run(cfg, arts, store)
     arts["decoder"] = finetune_decoder.run(cfg, arts, store)
     arts["report"] = evaluate.run(cfg, arts, store)

@@ -46,21 +46,30 @@ def test_single_stage_with_missing_input_names_the_stage_to_run_first(prefect_ap
 
 def test_full_train_runs_every_stage_and_finetune_decoder_reruns_alone(prefect_api, ray_local, store, caplog):
     produced = _run(store, "full-train")
-    assert "[1/8] shard finished" in caplog.text and "[8/8] evaluate finished" in caplog.text
-    kinds = ["base", "decoder", "report", "segments", "shards", "superres", "tokens", "vqgan-high", "vqgan-low",
-             "vqseg"]
+    assert "[1/9] shard finished" in caplog.text and "[9/9] evaluate finished" in caplog.text
+    kinds = ["base", "decoder", "guide", "report", "segments", "shards", "superres", "tokens", "vqgan-high",
+             "vqgan-low", "vqseg"]
     assert store.kinds() == kinds and sorted(produced) == kinds
     assert store.get("segments").manifest.inputs == {"shards": store.get("shards").version}
     assert set(store.get("tokens").manifest.inputs) == {"shards", "segments", "vqgan-low", "vqgan-high", "vqseg"}
     report = store.get("report")
     assert report.manifest.inputs["decoder"] == store.get("decoder").version
     assert report.manifest.details["lineage"]["decoder"] == store.get("decoder").version  # the sampler used it
+    assert report.manifest.inputs["guide"] == store.get("guide").version
+    assert store.get("guide").manifest.inputs["base"] == store.get("base").version
     # Rerunning finetune-decoder alone (forced) reruns nothing upstream: every other artifact stays as it was.
     before = {k: (a.version, a.manifest.seq, a.manifest.created) for k in kinds for a in [store.get(k)]}
     _run(store, "finetune-decoder", force=["finetune-decoder"])
     after = {k: (a.version, a.manifest.seq, a.manifest.created) for k in kinds for a in [store.get(k)]}
     assert {k for k in kinds if before[k] != after[k]} == {"decoder"}
     assert after["decoder"][0] == before["decoder"][0] and after["decoder"][1] == 2  # same version, recommitted
+    # With the guide off, full-train skips train-guide and evaluate no longer reads a guide: only the report changes.
+    caplog.clear()
+    _run(store, "full-train", overrides=[*SMALL, "train_guide.enabled=false"])
+    assert "[8/8] evaluate finished" in caplog.text and "train-guide" not in caplog.text
+    report = store.get("report")
+    assert "guide" not in report.manifest.inputs and "guide" not in report.manifest.details["lineage"]
+    assert report.version != after["report"][0] and store.get("guide").version == after["guide"][0]
 
 
 def test_unknown_target_and_force(prefect_api, store):

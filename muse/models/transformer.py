@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muse.models.saved import read_weights, save_weights
+
 
 @dataclass(frozen=True)
 class TransformerSpec:
@@ -204,12 +206,17 @@ class MaskedTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
                 kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """tokens [B, N] (mask id where masked) -> logits [B, N, codebook_size]."""
+        return self.head(self.norm(self.hidden(tokens, memory, memory_mask, kv)))
+
+    def hidden(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
+               kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None, blocks: int | None = None) -> torch.Tensor:
+        """Hidden states [B, N, dim] after the first `blocks` blocks (all of them when None)."""
         x = self.embed(tokens)
         if self.spec.cond_aligned and self.spec.cond_codebook_size:
             x = x + self._aligned_cond(memory)
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks[:blocks]):
             x = block(x, memory, memory_mask, None if kv is None else kv[i])
-        return self.head(self.norm(x))
+        return x
 
     def _aligned_cond(self, memory: torch.Tensor) -> torch.Tensor:
         """The encoded low-res grid (memory positions 1..n) projected and upsampled to the token grid."""
@@ -228,30 +235,16 @@ class MaskedTransformer(nn.Module):
 
 def save_transformer(model: MaskedTransformer, directory, extra: dict | None = None) -> None:
     """`model.safetensors` + `config.json` (the spec and anything in `extra`)."""
-    import json
     from dataclasses import asdict
-    from pathlib import Path
 
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
-              directory / "model.safetensors")
-    (directory / "config.json").write_text(json.dumps({"spec": asdict(model.spec), **(extra or {})}, indent=2))
+    save_weights(model, directory, {"spec": asdict(model.spec), **(extra or {})})
 
 
 def load_transformer(directory) -> tuple[MaskedTransformer, dict]:
     """(model in eval mode, the saved config) from a directory written by `save_transformer`."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
+    state, config = read_weights(directory)
     model = MaskedTransformer(TransformerSpec(**config["spec"]))
-    model.load_state_dict(fuse_self_attention(load_file(directory / "model.safetensors")))
+    model.load_state_dict(fuse_self_attention(state))
     return model.eval(), config
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
 from muse.config import VQModelConfig
+from muse.models.saved import read_weights, save_weights
 from muse.models.vqvae import PlainResBlock, VQVAEDecoder, VQVAEEncoder
 
 
@@ -209,36 +210,17 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
 
 # ----------------------------------------------------------------------------- saving and loading
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-
-
 def save_pretrained(model: VQModel, directory, in_channels: int, out_channels: int, extra: dict | None = None) -> None:
     """`model.safetensors` + `config.json` (geometry, channels, anything in `extra`) into a directory."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, directory / WEIGHTS_FILE)
-    config = {"model": model.cfg.model_dump(mode="json"), "in_channels": in_channels,
-              "out_channels": out_channels, **(extra or {})}
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_weights(model, directory, {"model": model.cfg.model_dump(mode="json"), "in_channels": in_channels,
+                                    "out_channels": out_channels, **(extra or {})})
 
 
 def from_pretrained(directory) -> VQModel:
     """A VQModel in eval mode from a directory written by `save_pretrained` (e.g. a vqgan-* artifact)."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config = json.loads((directory / CONFIG_FILE).read_text())
+    state, config = read_weights(directory)
     model = VQModel(VQModelConfig.model_validate(config["model"]), config["in_channels"], config["out_channels"])
-    model.load_state_dict(load_file(directory / WEIGHTS_FILE))
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -320,29 +302,15 @@ def _identity_start(layer: nn.Module) -> None:
 
 
 def save_decoder(decoder: LatentDecoder, directory, extra: dict | None = None) -> None:
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in decoder.state_dict().items()}, directory / WEIGHTS_FILE)
-    config = {"model": decoder.cfg.model_dump(mode="json"), "out_channels": decoder.out_channels,
-              "extra_res_blocks": decoder.extra_res_blocks, "width_mult": decoder.width_mult, **(extra or {})}
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_weights(decoder, directory, {"model": decoder.cfg.model_dump(mode="json"), "out_channels": decoder.out_channels,
+                                      "extra_res_blocks": decoder.extra_res_blocks, "width_mult": decoder.width_mult,
+                                      **(extra or {})})
 
 
 def load_decoder(directory) -> LatentDecoder:
     """A LatentDecoder in eval mode from a `decoder` artifact."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    c = json.loads((directory / CONFIG_FILE).read_text())
+    state, c = read_weights(directory)
     decoder = LatentDecoder(VQModelConfig.model_validate(c["model"]), c["out_channels"], c["extra_res_blocks"],
                             c["width_mult"])
-    decoder.load_state_dict(load_file(directory / WEIGHTS_FILE))
+    decoder.load_state_dict(state)
     return decoder.eval()

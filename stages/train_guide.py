@@ -1,0 +1,251 @@
+"""Stage `train-guide`: the head of mid-layer guidance, on the frozen base's own hidden states.
+
+Each step masks the low-res token grids of a batch at rates drawn as the base trained
+(arccos), runs the base up to the hooked block with the text hidden, and trains the head
+(`muse.models.guide`) on those hidden states. The text is hidden so that the head has to
+judge what the tokens show: with the caption in the memory it could read the caption back
+and grade every image as matching it. Targets (`train_guide.target`): the caption
+(contrastive over the batch; rows with the same caption count as matches), or a score or a
+label from each sample's metadata JSON in `shards` (rows without the field are left out, and
+counted). The artifact reports val accuracy (or R^2) at mask rates 0.5 and 0 beside chance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from muse.artifacts.store import Artifact, ArtifactStore
+from muse.config import ConfigError, PipelineConfig, TextEncoderConfig, TrainGuideConfig
+from muse.datasets.shards import shard_files
+from muse.datasets.stream import iter_tar
+from muse.datasets.tokens import TokenTable, collate, token_batches
+from muse.guidance import features_at
+from muse.masking import mask_tokens, sample_mask_rate
+from muse.models.guide import GuideHead, GuideSpec, pooled_text, save_guide
+from muse.models.transformer import MaskedTransformer, load_transformer
+from muse.training import TrainLoop, seeded
+from muse.transformer_training import CaptionMemory
+
+NAME = "train-guide"
+INPUTS: tuple[str, ...] = ("shards", "tokens", "base")
+OUTPUTS: tuple[str, ...] = ("guide",)
+CODE_VERSION = "1"
+
+log = logging.getLogger("muse.stages.train_guide")
+
+
+def enabled(config: PipelineConfig) -> bool:
+    return config.train_guide.enabled
+
+
+def config_of(config: PipelineConfig) -> dict:
+    """The head, its target and the training knobs that change its weights."""
+    c = config.train_guide
+    return c.model_dump(mode="json", exclude={"enabled"}) | {"train": c.train.versioned()}
+
+
+def metadata_value(info: dict, field: str):
+    """The value at a dotted path of a sample's metadata (list items by index); None when absent."""
+    node = info
+    for part in field.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def metadata_targets(shards: Artifact, c: TrainGuideConfig) -> tuple[dict[str, dict], dict]:
+    """{split: {key: value}} of the field in every sample's metadata, and the spec fields the values fix
+    (label classes, score bins). Errors name the shards artifact and the field."""
+    values: dict[str, dict] = {}
+    for split in ("train", "val"):
+        values[split] = {}
+        for path in shard_files(shards.path, split):
+            for key, files in iter_tar(path):
+                value = metadata_value(json.loads(files["json"]), c.field) if "json" in files else None
+                if value is None:
+                    continue
+                if c.target == "score":
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                        raise ConfigError(f"{path}: sample {key}: train_guide.field {c.field!r} is {value!r}, "
+                                          f"not a finite number (train_guide.target: score)")
+                    value = float(value)
+                elif isinstance(value, (dict, list)):
+                    raise ConfigError(f"{path}: sample {key}: train_guide.field {c.field!r} is a "
+                                      f"{type(value).__name__}, not a label")
+                values[split][key] = value if c.target == "score" else str(value)
+    train = list(values["train"].values())
+    if not train:
+        raise ConfigError(f"{shards.ref}: no train sample has the metadata field train_guide.field={c.field!r}")
+    if c.target == "label":
+        classes = tuple(sorted(set(train)))
+        if len(classes) < 2:
+            raise ConfigError(f"{shards.ref}: train_guide.field {c.field!r} has one value ({classes[0]!r}): "
+                              f"nothing to tell apart")
+        index = {name: i for i, name in enumerate(classes)}
+        return {s: {k: index[v] for k, v in vs.items() if v in index} for s, vs in values.items()}, {"classes": classes}
+    if not c.score_bins:
+        mean, std = float(np.mean(train)), float(np.std(train)) or 1.0  # standardised: any unit trains alike
+        return {s: {k: (v - mean) / std for k, v in vs.items()} for s, vs in values.items()}, {}
+    edges = np.unique(np.quantile(train, np.linspace(0, 1, c.score_bins + 1)[1:-1]))
+    binned = {s: {k: int(np.searchsorted(edges, v, side="right")) for k, v in vs.items()} for s, vs in values.items()}
+    centres = [float(np.mean([values["train"][k] for k, b in binned["train"].items() if b == i] or [0.0]))
+               for i in range(len(edges) + 1)]
+    return binned, {"bin_edges": tuple(float(e) for e in edges), "bin_centres": tuple(centres)}
+
+
+class GuideObjective:
+    """The head's loss on the frozen base's hidden states of masked grids."""
+
+    def __init__(self, base: MaskedTransformer, head: GuideHead, text: CaptionMemory,
+                 targets: dict[str, float | int] | None, seed: int):
+        self.base = base.eval().requires_grad_(False)
+        self.head, self.text, self.targets = head, text, targets
+        self.generator = torch.Generator().manual_seed(seed)  # mask rates and positions: this stage's own stream
+        self.modules = {"guide": head}
+        self.optimizers = {"loss": ["guide"]}
+        self.ema: list[str] = []
+
+    def features(self, batch: dict, rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states of the hooked block for the masked grids, pooled caption embeddings)."""
+        tokens = batch["tokens_low"]
+        inputs, _ = mask_tokens(tokens, rate, self.base.spec.mask_id, self.generator)
+        inputs = torch.where(rate.to(tokens.device)[:, None] > 0, inputs, tokens)  # mask_tokens hides one at least
+        emb, mask = self.text(batch)
+        with torch.no_grad():
+            memory, memory_mask = self.base.memory(emb, torch.zeros_like(mask))  # text hidden: see the docstring
+            features = features_at(self.base, inputs, memory, memory_mask, self.head.spec.block)
+        return features, pooled_text(emb, mask)
+
+    def losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        rate = sample_mask_rate(batch["tokens_low"].shape[0], self.generator)
+        features, text = self.features(batch, rate)
+        loss, hits, rows = guide_loss(self.head, features, text, batch, self.targets)
+        regression = self.head.spec.target == "score" and not self.head.spec.bin_edges
+        return {"loss": loss, ("mse" if regression else "accuracy"): hits / rows.clamp_min(1)}
+
+
+def guide_loss(head: GuideHead, features: torch.Tensor, text: torch.Tensor, batch: dict,
+               targets: dict | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, right answers, rows graded) of one batch; for a regression score `right` is the summed squared
+    error of the standardised value instead."""
+    target = head.spec.target
+    if target == "caption":
+        captions = batch["caption"]
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float, device=features.device)
+        logits = head.caption_logits(features, text)
+        loss = (-(same / same.sum(1, keepdim=True)) * logits.log_softmax(1)).sum(1).mean() / 2 + \
+               (-(same / same.sum(0, keepdim=True)) * logits.log_softmax(0)).sum(0).mean() / 2
+        hits = same.gather(1, logits.argmax(1, keepdim=True)).sum()
+        return loss, hits, torch.tensor(float(len(captions)), device=features.device)
+    present = [k in targets for k in batch["key"]]
+    keep = torch.tensor(present, device=features.device)
+    values = [targets[k] if p else 0 for k, p in zip(batch["key"], present)]
+    out = head(features)
+    if target == "score" and not head.spec.bin_edges:
+        y = torch.tensor(values, dtype=torch.float, device=features.device)
+        err = (out[:, 0] - y).pow(2) * keep
+        return err.sum() / keep.sum().clamp_min(1), err.sum().detach(), keep.sum().float()
+    y = torch.tensor(values, dtype=torch.long, device=features.device)
+    ce = F.cross_entropy(out, y, reduction="none") * keep
+    hits = ((out.argmax(-1) == y) & keep).sum().float()
+    return ce.sum() / keep.sum().clamp_min(1), hits, keep.sum().float()
+
+
+@torch.no_grad()
+def val_figures(objective: GuideObjective, table: TokenTable, seed: int) -> dict[str, float]:
+    """Val accuracy (R^2 for a regression score) at mask rates 0.5 and 0, and chance, in batches of 64."""
+    objective.head.eval()
+    objective.generator.manual_seed(seed)
+    spec = objective.head.spec
+    out: dict[str, float] = {}
+    for name, rate in (("val_accuracy", 0.5), ("val_accuracy_unmasked", 0.0)):
+        hits = rows = 0.0
+        chance = []
+        for start in range(0, len(table), 64):
+            batch = collate([table[i] for i in range(start, min(start + 64, len(table)))])
+            batch = {k: v.to(objective.base.embed.row.device) if isinstance(v, torch.Tensor) else v
+                     for k, v in batch.items()}
+            features, text = objective.features(batch, torch.full((len(batch["key"]),), rate))
+            _, h, r = guide_loss(objective.head, features, text, batch, objective.targets)
+            hits, rows = hits + float(h), rows + float(r)
+            if spec.target == "caption":  # a random pick matches as often as the row's caption recurs in the batch
+                caps = batch["caption"]
+                chance.append((len(caps), sum(caps.count(a) for a in caps) / len(caps)))
+        if spec.target == "score" and not spec.bin_edges:
+            values = np.array([v for k, v in objective.targets.items() if k in set(table_keys(table))])
+            out[name.replace("accuracy", "r2")] = round(1 - hits / max(rows, 1) / max(float(values.var()), 1e-12), 4)
+            continue
+        out[name] = round(hits / max(rows, 1), 4)
+    if spec.target == "caption":
+        out["chance"] = round(sum(matches for _, matches in chance) / max(sum(n for n, _ in chance), 1), 4)
+    elif spec.target == "label" or spec.bin_edges:
+        counts = np.bincount([v for k, v in objective.targets.items() if k in set(table_keys(table))])
+        out["chance"] = round(float(counts.max() / max(counts.sum(), 1)), 4)  # always the most common answer
+    return out
+
+
+def table_keys(table: TokenTable) -> list[str]:
+    return [table[i]["key"] for i in range(len(table))]
+
+
+def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+    """Train the guide head of `base` and commit the `guide` artifact."""
+    c = config.train_guide
+    base_artifact, tokens = inputs["base"], inputs["tokens"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    create = {"stage": NAME, "config": config_of(config), "inputs": {k: a.version for k, a in inputs.items()},
+              "code_version": CODE_VERSION}
+    version = store.version_of(NAME, create["config"], create["inputs"], CODE_VERSION)
+    base, base_config = load_transformer(base_artifact.path)
+    base.to(device)
+    if base.spec.cond_codebook_size:
+        raise ConfigError(f"{base_artifact.ref}: train-guide guides a base transformer, not a super-res one")
+    block = base.spec.depth // 2 if c.block is None else c.block
+    if block >= base.spec.depth:
+        raise ConfigError(f"train_guide.block {block}: {base_artifact.ref} has blocks 0..{base.spec.depth - 1}")
+    text_info = json.loads((tokens.path / "_schema.json").read_text())["text"]
+    text_cfg = TextEncoderConfig.model_validate(base_config["text_encoder"])
+    text = CaptionMemory(text_cfg, text_info is not None, device)
+    targets, extra_spec = (None, {}) if c.target == "caption" else metadata_targets(inputs["shards"], c)
+    spec = GuideSpec(feature_dim=base.spec.dim, block=block, target=c.target, dim=c.dim,
+                     text_dim=base.spec.text_dim if c.target == "caption" else 0, **extra_spec)
+    with seeded(c.train.seed):
+        head = GuideHead(spec).to(device)
+    columns = ["key", "caption", "tokens_low", *(["text_emb", "text_len"] if text_info is not None else [])]
+    train = TokenTable(tokens.path, "train", columns)
+    if targets is not None:
+        log.info("train-guide: %s in %d of %d train rows' metadata", c.field, len(targets["train"]), len(train))
+        targets = {**targets["train"], **targets["val"]}
+    objective = GuideObjective(base, head, text, targets, c.train.seed)
+    work_dir = store.work_dir("guide", version)
+    log.info("train-guide: %s head on block %d of %s (%.2fM parameters)", c.target, block, base_artifact.manifest.label,
+             sum(p.numel() for p in head.parameters()) / 1e6)
+    loop = TrainLoop(c.train, objective, work_dir, "guide", device)
+    bs, seed = c.train.batch_size, c.train.seed
+    figures = loop.run(lambda position: token_batches(train, bs, seed, position))
+    try:
+        val = TokenTable(tokens.path, "val", columns)
+    except FileNotFoundError:
+        val = train
+    metrics = val_figures(objective, val, seed)
+    with store.create("guide", **create) as out:
+        save_guide(head, out.path, {"base": base_artifact.ref, "field": c.field,
+                                    "sampling": config.sampling.guide.model_dump(mode="json")})
+        if (work_dir / "tensorboard").is_dir():
+            shutil.copytree(work_dir / "tensorboard", out.path / "tensorboard")
+        out.metrics = {**metrics, "steps": loop.step, "parameters": sum(p.numel() for p in head.parameters()),
+                       **{f"train_{k}": round(v, 4) for k, v in figures.items() if "/" not in k}}
+        out.details = {"spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__}}
+    log.info("train-guide: %s", metrics)
+    return out.artifact
+
