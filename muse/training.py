@@ -129,6 +129,21 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def record_training(work_dir: Path, artifact_dir: Path, figures: dict[str, float], grids: int = 4) -> dict[str, float]:
+    """Copy a finished run's TensorBoard events and its last `grids` sample grids (as `previews/samples-*.png`)
+    into the artifact being committed; returns the last logged figures as `train_*` metrics."""
+    from muse.artifacts.store import PREVIEW_DIR
+
+    if (work_dir / "tensorboard").is_dir():
+        shutil.copytree(work_dir / "tensorboard", artifact_dir / "tensorboard")
+    saved = sorted((work_dir / SAMPLES_DIR).glob("step-*.png"))[-grids:] if grids else []
+    if saved:
+        (artifact_dir / PREVIEW_DIR).mkdir(exist_ok=True)
+        for path in saved:
+            shutil.copy(path, artifact_dir / PREVIEW_DIR / f"samples-{path.name}")
+    return {f"train_{k}": round(v, 4) for k, v in figures.items() if "/" not in k}
+
+
 class TrainingDiverged(UserError, FloatingPointError):
     """Losses or weights stopped being finite (a learning rate too high, bad data); the last good checkpoint stays."""
 

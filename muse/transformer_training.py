@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore, MissingArtifact
+from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact
 from safetensors.torch import load_file, save_file
 
 from muse.config import (
@@ -35,7 +34,7 @@ from muse.distributed import fit, rank_world, worker_device, wrap_ddp
 from muse.masking import mask_tokens, sample_mask_rate
 from muse.models.transformer import MaskedTransformer, TransformerSpec, save_transformer
 from muse.sample_grid import SampleGrid
-from muse.training import SAMPLES_DIR, TrainLoop, seeded
+from muse.training import TrainLoop, record_training, seeded
 
 log = logging.getLogger("muse.transformer_training")
 RATE_BUCKETS = ((0.0, 0.4), (0.4, 0.8), (0.8, 1.01))
@@ -281,17 +280,10 @@ def train_transformer(*, kind: str, section: MaskedTransformerStageConfig, ray_c
                                              "text_encoder": text_cfg.model_dump(mode="json"),
                                              "sampling": sampler.model_dump(mode="json"),
                                              "tokenizers": {k: g["tokenizer"] for k, g in geometry.items()}})
-        if (work_dir / "tensorboard").is_dir():
-            shutil.copytree(work_dir / "tensorboard", out.path / "tensorboard")
-        grids = sorted((work_dir / SAMPLES_DIR).glob("step-*.png"))
-        if grids:  # the last few checkpoints' samples: published with the artifact
-            (out.path / PREVIEW_DIR).mkdir()
-            for path in grids[-MAX_GRIDS:]:
-                shutil.copy(path, out.path / PREVIEW_DIR / f"samples-{path.name}")
         steps = int(figures.pop("steps"))
         out.metrics = {**metrics, "steps": steps, "workers": int(figures.pop("workers")),
                        "parameters": sum(p.numel() for p in trained.parameters()),
-                       **{f"train_{k}": round(v, 4) for k, v in figures.items() if "/" not in k}}
+                       **record_training(work_dir, out.path, figures, MAX_GRIDS)}
         out.details = {"spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__}}
     log.info("%s: %s", kind, metrics)
     return out.artifact

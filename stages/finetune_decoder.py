@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from muse.datasets.shards import shard_files
 from muse.datasets.stream import batches, iter_tar, sample_stream
 from muse.models.image_loss import ImageLoss, perceptual_loss, psnr
 from muse.models.vqgan import LatentDecoder, VQModel, from_pretrained, init_from, save_decoder
-from muse.training import TrainLoop, seed_everything
+from muse.training import TrainLoop, record_training, seed_everything
 
 NAME = "finetune-decoder"
 INPUTS: tuple[str, ...] = ("shards", "vqgan-high")
@@ -134,10 +133,8 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
         if rows:
             (out.path / PREVIEW_DIR).mkdir()
             Image.fromarray(np.concatenate(rows, 0)).save(out.path / PREVIEW_DIR / "input-old-new.png")
-        if (work_dir / "tensorboard").is_dir():
-            shutil.copytree(work_dir / "tensorboard", out.path / "tensorboard")
         out.metrics = {**metrics, "psnr_gain": round(metrics["new_psnr"] - metrics["old_psnr"], 4),
                        "steps": loop.step, "initialised_tensors": copied,
-                       **{f"train_{k}": round(v, 4) for k, v in figures.items() if "/" not in k}}
+                       **record_training(work_dir, out.path, figures, grids=0)}
     log.info("finetune-decoder: val %s", metrics)
     return out.artifact

@@ -7,29 +7,30 @@ judge what the tokens show: with the caption in the memory it could read the cap
 and grade every image as matching it. Targets (`train_guide.target`): the caption
 (contrastive over the batch; rows with the same caption count as matches), or a score or a
 label from each sample's metadata JSON in `shards` (rows without the field are left out, and
-counted). The artifact reports val accuracy (or R^2) at mask rates 0.5 and 0 beside chance.
+counted). The artifact reports val accuracy (or R^2) at mask rates 0.5 and 0 beside chance;
+its previews are the base's samples at each guide scale from the last checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from muse.artifacts.store import Artifact, ArtifactStore
+from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact
 from muse.config import ConfigError, PipelineConfig, TextEncoderConfig, TrainGuideConfig
 from muse.datasets.shards import shard_files
 from muse.datasets.stream import iter_tar
 from muse.datasets.tokens import TokenTable, collate, token_batches
-from muse.guidance import features_at
+from muse.guidance import features_at, steer
 from muse.masking import mask_tokens, sample_mask_rate
 from muse.models.guide import GuideHead, GuideSpec, pooled_text, save_guide
 from muse.models.transformer import MaskedTransformer, load_transformer
-from muse.training import TrainLoop, seeded
+from muse.sample_grid import SampleGrid
+from muse.training import TrainLoop, record_training, seeded
 from muse.transformer_training import CaptionMemory
 
 NAME = "train-guide"
@@ -194,6 +195,35 @@ def val_figures(objective: GuideObjective, table: TokenTable, seed: int) -> dict
     return out
 
 
+class GuidedGrid:
+    """Checkpoint previews: the base's samples for fixed val captions at each guide scale (unguided first, then
+    `evaluate.guide_scales`), one row a scale, over the real images' reconstructions. Caption guides steer each
+    image to its caption, label guides to the image's own label, score guides up."""
+
+    def __init__(self, grid: SampleGrid, base: MaskedTransformer, scales: list[float], targets: dict | None):
+        self.grid, self.base, self.targets = grid, base, targets
+        self.scales = sorted({0.0, *scales})
+
+    def condition(self, head: GuideHead) -> torch.Tensor | None:
+        batch = self.grid.batch
+        if head.spec.target == "caption":
+            return pooled_text(*self.grid.text(batch))
+        if head.spec.target == "label":
+            return torch.tensor([self.targets.get(k, 0) for k in batch["key"]], device=batch["tokens_low"].device)
+        return None
+
+    def __call__(self, head: GuideHead) -> np.ndarray:
+        was_training = head.training
+        head.eval()
+        rows = []
+        for scale in self.scales:
+            with steer(self.base, head, self.condition(head), scale):
+                grid = self.grid(self.base)
+            rows.append(grid[: grid.shape[0] // 2])
+        head.train(was_training)
+        return np.concatenate([*rows, grid[grid.shape[0] // 2:]], 0)
+
+
 def table_keys(table: TokenTable) -> list[str]:
     return [table[i]["key"] for i in range(len(table))]
 
@@ -232,7 +262,15 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
              sum(p.numel() for p in head.parameters()) / 1e6)
     loop = TrainLoop(c.train, objective, work_dir, "guide", device)
     bs, seed = c.train.batch_size, c.train.seed
-    figures = loop.run(lambda position: token_batches(train, bs, seed, position))
+    preview = None
+    try:
+        tokenizer = store.resolve(base_config["tokenizers"]["tokens_low"]).path
+        grid = GuidedGrid(SampleGrid(tokens.path, tokenizer, "tokens_low", None, text, device, config.sampling.base),
+                          base, config.evaluate.guide_scales, targets)
+        preview = lambda loop: grid(loop.trained("guide"))  # noqa: E731
+    except MissingArtifact:  # tokens copied from another store: no previews
+        log.warning("train-guide: no previews: tokenizer %s is not in this store", base_config["tokenizers"]["tokens_low"])
+    figures = loop.run(lambda position: token_batches(train, bs, seed, position), preview=preview)
     try:
         val = TokenTable(tokens.path, "val", columns)
     except FileNotFoundError:
@@ -241,10 +279,8 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     with store.create("guide", **create) as out:
         save_guide(head, out.path, {"base": base_artifact.ref, "field": c.field,
                                     "sampling": config.sampling.guide.model_dump(mode="json")})
-        if (work_dir / "tensorboard").is_dir():
-            shutil.copytree(work_dir / "tensorboard", out.path / "tensorboard")
         out.metrics = {**metrics, "steps": loop.step, "parameters": sum(p.numel() for p in head.parameters()),
-                       **{f"train_{k}": round(v, 4) for k, v in figures.items() if "/" not in k}}
+                       **record_training(work_dir, out.path, figures)}
         out.details = {"spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__}}
     log.info("train-guide: %s", metrics)
     return out.artifact

@@ -17,7 +17,6 @@ recorded no scene maps, `vqseg` records that too and holds no model.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from muse.datasets.stream import batches, iter_tar, sample_stream
 from muse.models.image_loss import ImageLoss, perceptual_loss, psnr
 from muse.models.vqgan import VQModel, save_pretrained
 from muse.stage import OutputSpec
-from muse.training import TrainLoop, seed_everything
+from muse.training import TrainLoop, record_training, seed_everything
 
 NAME = "train-vqgan"
 INPUTS: tuple[str, ...] = ("shards", "segments")
@@ -196,10 +195,7 @@ def _train_one(kind: str, model_cfg: VQModelConfig, train_cfg: TrainConfig, obje
         save_pretrained(model, out.path, channels, channels, extra)
         if first is not None:
             save_preview(*first, out.path / PREVIEW_DIR / "reconstructions.png", scene)
-        if (work_dir / "tensorboard").is_dir():
-            shutil.copytree(work_dir / "tensorboard", out.path / "tensorboard")
-        out.metrics = {**metrics, "steps": loop.step,
-                       **{f"train_{k}": round(v, 4) for k, v in figures.items() if "/" not in k}}
+        out.metrics = {**metrics, "steps": loop.step, **record_training(work_dir, out.path, figures, grids=0)}
         out.details = {"resolution": model_cfg.resolution, "token_side": model_cfg.token_side,
                        "codebook_size": model_cfg.codebook_size, "val_split": "val" if val_files else "train"}
     log.info("%s: val %s", kind, metrics)

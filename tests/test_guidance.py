@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from muse.artifacts.store import ArtifactStore
 from muse.config import ConfigError, SamplerConfig, load_config
@@ -96,6 +98,9 @@ def test_train_guide_artifact_and_guided_generation(trained_store, tmp_path, cap
     cfg, store, arts = trained_store
     m = arts["guide"].manifest.metrics
     assert m["steps"] == 4 and {"val_accuracy", "val_accuracy_unmasked", "chance"} <= set(m)
+    grid = np.asarray(Image.open(arts["guide"].path / "previews" / "samples-step-0000004.png"))
+    assert grid.shape[0] == 3 * 32 and grid.std() > 0  # unguided, guided at 0.25, then the reconstructions
+    assert (arts["guide"].path / "tensorboard").is_dir()
     head, config = load_guide(arts["guide"].path)
     assert head.spec.block == 0 and config["base"] == arts["base"].ref  # depth 1: the middle block is block 0
     assert arts["guide"].manifest.inputs["base"] == arts["base"].version
