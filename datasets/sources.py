@@ -27,13 +27,13 @@ import csv
 import io
 import json
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import braceexpand
 
+from muse.datasets.tars import TarBroken, iter_tar, member_key
 from muse.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -207,12 +207,6 @@ def detect_kind(source: str | None) -> str:
     raise SourceError(f"{source}: no such file or folder")
 
 
-def _key_of(path: Path) -> tuple[str, str]:
-    """webdataset's split: ("dir/cat", "seg.png") for "dir/cat.seg.png"."""
-    base, _, ext = path.name.partition(".")
-    return str(path.parent / base), ext.lower()
-
-
 FOLDER_ENDINGS = ("panoptic.png", "txt", "json", *IMAGE_EXTS)
 
 
@@ -223,7 +217,7 @@ def _folder_key_of(path: Path) -> tuple[str, str]:
     for ending in FOLDER_ENDINGS:
         if name.endswith("." + ending) and len(name) > len(ending) + 1:
             return str(path.parent / path.name[: -len(ending) - 1]), ending
-    return _key_of(path)
+    return member_key(path.as_posix())
 
 
 # ----------------------------------------------------------------------------- enumeration
@@ -369,30 +363,24 @@ def webdataset_items(source: str) -> Iterator[Item]:
     is counted too."""
     for url in tar_urls(source):
         name = url.rstrip("/").rsplit("/", 1)[-1]
-        key, files, done = None, {}, 0
+        done, last = 0, None
         try:
-            with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    m_key, ext = _key_of(Path(m.name))
-                    if m_key != key and files:
-                        yield _tar_sample(name, key, files)
-                        files, done = {}, done + 1
-                    key = m_key
-                    files[ext] = tf.extractfile(m).read()
-        except (OSError, EOFError, tarfile.TarError) as e:
-            reason = "truncated" if key is not None else "unreadable"
-            lost = max(1, _producer_count(url) - done) if reason == "truncated" else 1
-            yield from _lost(name, key, reason, f"{url}: {e}", lost)
+            with _open(url) as f:
+                for last, files in iter_tar(f):
+                    yield _tar_sample(name, last, files)
+                    done += 1
+        except OSError as e:  # opening it failed
+            yield from _lost(name, None, "unreadable", f"{url}: {e}", 1)
             continue
-        if files:
-            yield _tar_sample(name, key, files)
-            done += 1
+        except TarBroken as e:
+            reason = "truncated" if e.key is not None else "unreadable"
+            lost = max(1, _producer_count(url) - done) if reason == "truncated" else 1
+            yield from _lost(name, e.key, reason, f"{url}: {e.__cause__}", lost)
+            continue
         # tarfile ends a stream cut inside a header quietly, as if the archive were shorter
         lost = max(_producer_count(url) - done, 0 if _ends_whole(url) else 1)
         if lost:
-            yield from _lost(name, key, "truncated", f"{url}: the tar ends early after {done} samples", lost)
+            yield from _lost(name, last, "truncated", f"{url}: the tar ends early after {done} samples", lost)
 
 
 def _lost(tar_name: str, key: str | None, reason: str, detail: str, count: int) -> Iterator[BytesItem]:

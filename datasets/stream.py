@@ -10,32 +10,15 @@ data-parallel job take disjoint tars (`rank::world`).
 
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
+from muse.datasets.tars import iter_tar
+
 T = TypeVar("T")
-
-
-def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of a tar, grouping consecutive members by key."""
-    key, files = None, {}
-    with tarfile.open(path) as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            k, _, ext = Path(m.name).name.partition(".")
-            k = str(Path(m.name).parent / k) if Path(m.name).parent != Path(".") else k
-            if k != key and files:
-                yield key, files
-                files = {}
-            key = k
-            files[ext] = tf.extractfile(m).read()
-    if files:
-        yield key, files
 
 
 def sample_stream(

@@ -17,7 +17,6 @@ A row becomes a dict of tensors: token columns as int64 [h*w], `text_emb` float3
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-SCHEMA_FILE = "_schema.json"
+from muse.contracts import TokensSchema
+
+SCHEMA_FILE = TokensSchema.FILE
 SCHEMA_METADATA_KEY = "muse"  # parquet schema metadata: {"geometry": ..., "text": ...}
 TOKEN_COLUMNS = ("tokens_low", "tokens_high", "seg_tokens")
 
@@ -76,10 +77,8 @@ class TokenTable:
         files = sorted(self.root.glob(f"{split}-*.parquet"))  # token_file names
         if not files:
             raise FileNotFoundError(f"{self.root}: no {split} parquet files (is this a tokens artifact?)")
-        info = json.loads((self.root / SCHEMA_FILE).read_text())
-        self.geometry: dict[str, dict] = info["geometry"]
-        self.text: dict | None = info["text"]
-        self.text_shape = (self.text["max_length"], self.text["dim"]) if self.text else None
+        text = TokensSchema.of(self.root).text
+        self.text_shape = (text.max_length, text.dim) if text else None
         self.columns = columns
         self.groups: list[RowGroup] = []
         start = 0

@@ -219,10 +219,10 @@ def _prompts(args: argparse.Namespace) -> list[dict]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from muse.generate import Pipeline
+    from muse.generate import TextToImage
 
     items = _prompts(args)
-    pipe = Pipeline.from_store(_store(args))
+    pipe = TextToImage.from_store(_store(args))
     scene = _scene(pipe, args.scene, args.scene_edges) if args.scene else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,7 +269,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from muse.editing import edit_tokens, outpaint_canvas
-    from muse.generate import Pipeline, to_images
+    from muse.generate import TextToImage, to_images
 
     modes = sum([args.mask is not None, args.outpaint is not None, args.no_mask])
     if modes != 1:
@@ -284,7 +284,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
             image, mask = outpaint_canvas(image, args.outpaint, args.outpaint_side)
         except ValueError as e:
             raise ConfigError(f"--outpaint: {e}") from e
-    pipe = Pipeline.from_store(_store(args))
+    pipe = TextToImage.from_store(_store(args))
     tokens = edit_tokens(pipe, image, args.prompt, mask, negative=args.negative, sampling=_sampling(pipe, args),
                          seed=args.seed, superres=not args.no_superres, mask_free_iterations=args.iterations,
                          mask_free_fraction=args.edit_fraction)

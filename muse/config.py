@@ -108,10 +108,7 @@ class VQModelConfig(Section):
     quantizer: Literal["vq", "fsq"] = Field("vq", description=(
         "vq: a learned codebook (vector-quantize-pytorch's VectorQuantize; the knobs below). fsq: finite scalar "
         "quantization (Mentzer et al. 2023): the latent is projected to len(fsq_levels) dims, each rounded to "
-        "its own few levels; the implicit codebook is their product, so no code can die and none needs an EMA. "
-        "On the demo's flat shapes an 8x8 fsq grid (8,5,5,5) kept the shape of 83% of objects where a 256-code "
-        "vq kept 64% (same 4000 steps). The tiny preset stays on vq: with fsq at both resolutions its base "
-        "placed 23% of objects at the named position, against 89% with vq."))
+        "its own few levels; the implicit codebook is their product, so no code can die and none needs an EMA."))
     fsq_levels: tuple[int, ...] = Field((8, 5, 5, 5), description=(
         "fsq only: levels per dimension; codebook_size must be their product (8,5,5,5 -> 1000)."))
     codebook_size: int = Field(512, ge=2, le=65536, description="Number of codes (token ids fit uint16).")
@@ -188,9 +185,8 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of weights (used for eval/sampling); 0 = off.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU.")
     compile: bool = Field(False, description=(
-        "torch.compile the trained modules' forward (fuses the norms and pointwise ops around the matmuls: "
-        "1.3x tokens/s at the muse-256 base width on an H100). Costs a compile of about a minute at the first "
-        "step; off by default for the CPU presets, where it does not pay back in a short run."))
+        "torch.compile the trained modules' forward (fuses the norms and pointwise ops around the matmuls). "
+        "Costs a compile at the first step, so the CPU presets leave it off."))
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints in .work/.")
     log_every: int = Field(50, ge=1, description="Steps between logged figures.")
     shuffle_buffer: int = Field(256, ge=1, description="Samples in the streaming shuffle buffer.")
@@ -370,8 +366,7 @@ class TransformerConfig(Section):
     cond_aligned: bool = Field(True, description=(
         "Super-res only: also add the encoded low-res tokens, upsampled to the high-res grid, to the input "
         "embeddings (besides the cross-attention memory of the paper). Each high-res token then sees the "
-        "low-res token it refines at its own position; with cross-attention alone the tiny model left half "
-        "the shapes at the wrong place after 600 steps."))
+        "low-res token it refines at its own position."))
 
 
 class MaskedTransformerStageConfig(Section):

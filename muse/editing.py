@@ -20,7 +20,7 @@ from PIL import Image
 
 from muse.config import SamplingConfig
 from muse.datasets.labels import boundaries
-from muse.generate import Pipeline
+from muse.generate import TextToImage
 from muse.models.vqgan import VQModel
 from muse.sampling import guided_logits
 
@@ -86,7 +86,7 @@ def scene_tokens(vq_seg: VQModel, labels: np.ndarray, edges: np.ndarray | None =
 
 
 @torch.no_grad()
-def token_log_likelihood(pipe: Pipeline, model, tokens: torch.Tensor, prompt: str, negative: str | None,
+def token_log_likelihood(pipe: TextToImage, model, tokens: torch.Tensor, prompt: str, negative: str | None,
                          guidance_scale: float, generator: torch.Generator, groups: int = 4,
                          cond: torch.Tensor | None = None) -> torch.Tensor:
     """log p(token | prompt, the other tokens) for every position [1, N], under the guided logits. Positions are
@@ -115,7 +115,7 @@ def _low_to_high(changed: torch.Tensor, low_side: int, high_side: int) -> torch.
 
 
 @torch.no_grad()
-def edit_tokens(pipe: Pipeline, image: Image.Image, prompt: str, mask: Image.Image | None = None,
+def edit_tokens(pipe: TextToImage, image: Image.Image, prompt: str, mask: Image.Image | None = None,
                 negative: str | None = None, seed: int = 0, superres: bool = True, mask_free_iterations: int = 6,
                 mask_free_fraction: float = 0.15, sampling: SamplingConfig | None = None, steps: int | None = None,
                 superres_steps: int | None = None, guidance_scale: float | None = None,

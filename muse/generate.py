@@ -1,6 +1,6 @@
 """Text -> image from trained artifacts: base tokens -> super-res tokens -> (finetuned) decoder -> PIL.
 
-`Pipeline.from_store(store)` loads `base`, `superres` (when present), the tokenizers named in
+`TextToImage.from_store(store)` loads `base`, `superres` (when present), the tokenizers named in
 their configs, the text encoder they were trained with, and the `decoder` artifact when one
 was finetuned for that `vqgan-high` version. `lineage` says which versions produced an image;
 `sampling` holds the sampler settings the transformers were trained with, the default of
@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from muse.artifacts.store import Artifact, ArtifactStore
-from muse.config import ConfigError, GuideSamplingConfig, SamplerConfig, SamplingConfig, TextEncoderConfig
+from muse.config import ConfigError, GuideSamplingConfig, SamplerConfig, SamplingConfig
+from muse.contracts import TransformerRecord
 from muse.distributed import autocast
 from muse.guidance import steer
 from muse.models.guide import GuideHead, load_guide, pooled_text
@@ -30,7 +31,9 @@ def to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-class Pipeline:
+class TextToImage:
+    """Captions -> images with a store's trained artifacts: the inference path (the "pipeline" is the DAG)."""
+
     def __init__(self, store: ArtifactStore, device: torch.device | str | None = None,
                  pins: dict[str, Artifact | None] | None = None):
         """`pins` fixes artifacts by kind (base, superres, decoder, guide; a guide pinned to None: no guide); the
@@ -38,18 +41,19 @@ class Pipeline:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pins = pins or {}
         base = pins.get("base") or store.get("base")
-        self.base, config = load_transformer(base.path)
+        self.base, _ = load_transformer(base.path)
         self.base.to(self.device)
-        self.sampling = SamplingConfig(base=_recorded_sampler(config, SamplingConfig().base))
+        record = TransformerRecord.of(base.path)
+        self.sampling = SamplingConfig(base=record.sampling or SamplingConfig().base)
         self.lineage = {"base": base.version}
-        self.text = load_text_encoder(TextEncoderConfig.model_validate(config["text_encoder"]), self.device)
-        self.max_length = config["text"]["max_length"] if config["text"] else self.text.max_length
-        low = store.resolve(config["tokenizers"]["tokens_low"])
+        self.text = load_text_encoder(record.text_encoder, self.device)
+        self.max_length = record.max_length or self.text.max_length
+        low = store.resolve(record.tokenizers["tokens_low"])
         self.vq_low = from_pretrained(low.path).to(self.device)
         self.lineage["vqgan-low"] = low.version
         self.vq_seg = None  # the scene tokenizer, when the base model was trained with scene tokens
-        if config["scene"]:
-            seg = store.resolve(config["tokenizers"]["seg_tokens"])
+        if record.scene:
+            seg = store.resolve(record.tokenizers["seg_tokens"])
             self.vq_seg = from_pretrained(seg.path).to(self.device)
             self.lineage["vqseg"] = seg.version
         self.guide: GuideHead | None = None
@@ -64,11 +68,12 @@ class Pipeline:
         self.decoder = None
         if "superres" in pins or store.latest_version("superres") is not None:
             sr = pins.get("superres") or store.get("superres")
-            self.superres, sr_config = load_transformer(sr.path)
+            self.superres, _ = load_transformer(sr.path)
             self.superres.to(self.device)
+            sr_record = TransformerRecord.of(sr.path)
             self.sampling = self.sampling.model_copy(
-                update={"superres": _recorded_sampler(sr_config, SamplingConfig().superres)})
-            high = store.resolve(sr_config["tokenizers"]["tokens_high"])
+                update={"superres": sr_record.sampling or SamplingConfig().superres})
+            high = store.resolve(sr_record.tokenizers["tokens_high"])
             self.vq_high = from_pretrained(high.path).to(self.device)
             self.lineage.update({"superres": sr.version, "vqgan-high": high.version})
             dec = pins.get("decoder") or (store.get("decoder") if store.latest_version("decoder") else None)
@@ -90,7 +95,7 @@ class Pipeline:
 
     @classmethod
     def from_store(cls, store: ArtifactStore, device: torch.device | str | None = None,
-                   pins: dict[str, Artifact | None] | None = None) -> "Pipeline":
+                   pins: dict[str, Artifact | None] | None = None) -> "TextToImage":
         return cls(store, device, pins)
 
     def _memory(self, model: MaskedTransformer, prompts: list[str], cond: torch.Tensor | None = None,
@@ -201,6 +206,4 @@ class Pipeline:
         return to_images(self.decode_tokens(self.generate_tokens(prompts, **kwargs)))
 
 
-def _recorded_sampler(config: dict, default: SamplerConfig) -> SamplerConfig:
-    """The sampler pass a transformer recorded; transformers written before passes were recorded get `default`."""
-    return SamplerConfig.model_validate(config["sampling"]) if "sampling" in config else default
+Pipeline = TextToImage  # the name before 2026-12-02, kept for code written against it

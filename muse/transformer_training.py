@@ -8,7 +8,6 @@ bucket (low / mid / high r), the figures that say whether the model learns to fi
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from muse.config import (
     TextEncoderConfig,
     TrainConfig,
 )
+from muse.contracts import TokenGeometry, TokensSchema, TransformerRecord
 from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.distributed import fit, rank_world, worker_device, wrap_ddp
 from muse.masking import mask_tokens, sample_mask_rate
@@ -199,20 +199,19 @@ def fit_worker(job: TransformerJob) -> dict:
     return {**figures, "steps": loop.step, "workers": world}
 
 
-def transformer_spec(model_cfg, geometry: dict[str, dict], text_dim: int, target: str, cond: str | None,
+def transformer_spec(model_cfg, geometry: dict[str, TokenGeometry], text_dim: int, target: str, cond: str | None,
                      scene: bool) -> TransformerSpec:
     """The architecture for `target` tokens (conditioned on `cond` tokens for super-res) from the tokens
     schema's geometry: grid sides, codebook sizes, and the fsq levels of FSQ low-res ids."""
     return TransformerSpec(
         dim=model_cfg.dim, depth=model_cfg.depth, heads=model_cfg.heads,
-        codebook_size=geometry[target]["codebook_size"], side=geometry[target]["side"], text_dim=text_dim,
-        cond_codebook_size=geometry[cond]["codebook_size"] if cond else 0,
-        # tokens from tokenize code version 1 name no levels: their ids are a codebook's
-        cond_levels=tuple(geometry[cond].get("fsq_levels", ())) if cond else (),
-        cond_side=geometry[cond]["side"] if cond else 0, cond_depth=model_cfg.cond_depth,
+        codebook_size=geometry[target].codebook_size, side=geometry[target].side, text_dim=text_dim,
+        cond_codebook_size=geometry[cond].codebook_size if cond else 0,
+        cond_levels=tuple(geometry[cond].fsq_levels) if cond else (),
+        cond_side=geometry[cond].side if cond else 0, cond_depth=model_cfg.cond_depth,
         cond_aligned=bool(cond) and model_cfg.cond_aligned,
-        scene_codebook_size=geometry["seg_tokens"]["codebook_size"] if scene else 0,
-        scene_side=geometry["seg_tokens"]["side"] if scene else 0)
+        scene_codebook_size=geometry["seg_tokens"].codebook_size if scene else 0,
+        scene_side=geometry["seg_tokens"].side if scene else 0)
 
 
 def stage_config(config: PipelineConfig, section: str) -> dict:
@@ -242,16 +241,16 @@ def train_transformer(*, kind: str, section: MaskedTransformerStageConfig, ray_c
                       store: ArtifactStore, create_kwargs: dict, device: torch.device) -> Artifact:
     """Train (in-process, or on Ray Train workers), evaluate and commit one masked transformer (`base`/`superres`)."""
     model_cfg, train_cfg, scene = section.model, section.train, section.scene_conditioning
-    schema = json.loads((tokens.path / "_schema.json").read_text())
-    geometry, text_info = schema["geometry"], schema["text"]
+    schema = TokensSchema.of(tokens.path)
+    geometry, text_info = schema.geometry, schema.text
     if scene and "seg_tokens" not in geometry:
         raise ConfigError(f"{create_kwargs['stage'].replace('-', '_')}.scene_conditioning needs scene tokens, but "
                           f"{tokens.ref} has none (its run recorded no scene maps: {tokens.manifest.details['scene_plan']})")
     precomputed = text_info is not None
     if precomputed:  # the encoder that made the tokens' embeddings is the one generation must use
-        text_cfg = TextEncoderConfig.model_validate(text_info["encoder"])
+        text_cfg = text_info.encoder
     text = CaptionMemory(text_cfg, precomputed, device)
-    text_dim = text_info["dim"] if precomputed else text.encoder.dim
+    text_dim = text_info.dim if precomputed else text.encoder.dim
     spec = transformer_spec(model_cfg, geometry, text_dim, target, cond, scene)
     version = store.version_of(create_kwargs["stage"], create_kwargs["config"], create_kwargs["inputs"],
                                create_kwargs["code_version"])
@@ -259,9 +258,9 @@ def train_transformer(*, kind: str, section: MaskedTransformerStageConfig, ray_c
     columns = ["key", "caption", target, *([cond] if cond else []), *(["seg_tokens"] if scene else []),
                *(["text_emb", "text_len"] if precomputed else [])]
     try:
-        tokenizer_path = store.resolve(geometry[target]["tokenizer"]).path
+        tokenizer_path = store.resolve(geometry[target].tokenizer).path
     except MissingArtifact:  # tokens copied from another store: train without sample grids
-        log.warning("%s: no sample grids: tokenizer %s is not in this store", kind, geometry[target]["tokenizer"])
+        log.warning("%s: no sample grids: tokenizer %s is not in this store", kind, geometry[target].tokenizer)
         tokenizer_path = None
     job = TransformerJob(kind, spec, train_cfg, text_cfg, precomputed, tokens.path, columns, target, cond,
                          section.text_drop_rate, section.label_smoothing, section.scene_drop_rate, work_dir,
@@ -276,10 +275,10 @@ def train_transformer(*, kind: str, section: MaskedTransformerStageConfig, ray_c
         val = TokenTable(tokens.path, "train", columns)
     metrics = masked_accuracy(trained, val, target, text, cond, device)
     with store.create(kind, **create_kwargs) as out:
-        save_transformer(trained, out.path, {"target": target, "cond": cond, "scene": scene, "text": text_info,
-                                             "text_encoder": text_cfg.model_dump(mode="json"),
-                                             "sampling": sampler.model_dump(mode="json"),
-                                             "tokenizers": {k: g["tokenizer"] for k, g in geometry.items()}})
+        record = TransformerRecord(spec={}, target=target, cond=cond, scene=scene, text=text_info,
+                                   text_encoder=text_cfg, sampling=sampler,
+                                   tokenizers={k: g.tokenizer for k, g in geometry.items()})
+        save_transformer(trained, out.path, record.model_dump(mode="json", exclude={"spec"}))
         steps = int(figures.pop("steps"))
         out.metrics = {**metrics, "steps": steps, "workers": int(figures.pop("workers")),
                        "parameters": sum(p.numel() for p in trained.parameters()),

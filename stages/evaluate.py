@@ -25,16 +25,17 @@ from PIL import Image, ImageDraw
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
 from muse.config import EvaluateConfig, PipelineConfig, SamplingConfig
+from muse.contracts import TokensSchema, metric
 from muse.datasets.demo_check import grade
 from muse.datasets.shards import read_samples
 from muse.datasets.tokens import TokenTable
-from muse.generate import Pipeline, to_images
+from muse.generate import TextToImage, to_images
 from muse.training import seeded
 
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("shards", "vqgan-low", "vqgan-high", "tokens", "base", "superres", "decoder", "guide")
 OUTPUTS: tuple[str, ...] = ("report",)
-CODE_VERSION = "4"  # 2: alignment by link; 3: the base's own link; 4: seeded random CLIP weights
+CODE_VERSION = "4"
 BASE_LINK = "base samples through the vqgan-low decoder"
 PARTS = ("colour", "shape", "position")
 
@@ -80,7 +81,7 @@ def alignment(per_image: list[list[dict[str, bool]]]) -> dict[str, float]:
     return {part: round(float(np.mean([r[part] for r in objects])), 4) for part in PARTS}
 
 
-def alignment_by_link(pipe: Pipeline, samples: list[dict], tokens_root, c: EvaluateConfig,
+def alignment_by_link(pipe: TextToImage, samples: list[dict], tokens_root, c: EvaluateConfig,
                       sampling: SamplingConfig) -> list[dict]:
     """Caption alignment of each link of the chain when fed its true input, the val images' own tokens: the
     tokenizers' and the finetuned decoder's reconstructions, and super-res sampled from the true low-res tokens.
@@ -117,7 +118,7 @@ def alignment_by_link(pipe: Pipeline, samples: list[dict], tokens_root, c: Evalu
             for name, ims in images.items()]
 
 
-def generate(pipe: Pipeline, captions: list[str], sampling: SamplingConfig,
+def generate(pipe: TextToImage, captions: list[str], sampling: SamplingConfig,
              c: EvaluateConfig) -> tuple[list[Image.Image], list[torch.Tensor], float]:
     """(images, base token grids per batch, seconds) for the captions, in batches seeded by their position."""
     images: list[Image.Image] = []
@@ -183,7 +184,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     if not samples:
         split = "train"
         samples = [s for _, s in zip(range(c.num_prompts), read_samples(inputs["shards"].path, split))]
-    pipe = Pipeline.from_store(store, pins={k: inputs.get(k) for k in ("base", "superres", "decoder", "guide")})
+    pipe = TextToImage.from_store(store, pins={k: inputs.get(k) for k in ("base", "superres", "decoder", "guide")})
     sampling = config.sampling
     if pipe.guide is None:  # no guide trained in this run: the guide scale has nothing to steer with
         sampling = sampling.model_copy(update={"guide": sampling.guide.model_copy(update={"scale": 0.0})})
@@ -227,9 +228,10 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     metrics.update(clip_score(images, captions, c))
     metrics.update(fid(images, [s["image"] for s in samples], c.inception_weights))
     for kind, key in (("vqgan-low", "psnr"), ("vqgan-high", "psnr"), ("decoder", "new_psnr")):
-        metrics[f"{kind}_val_psnr"] = inputs[kind].manifest.metrics.get(key)
+        metrics[f"{kind}_val_psnr"] = metric(inputs[kind], key)
+    columns = TokensSchema.of(inputs["tokens"].path).geometry  # no seg_tokens without scene maps
     for column in ("tokens_low", "tokens_high", "seg_tokens"):
-        metrics[f"{column}_codebook_usage"] = inputs["tokens"].manifest.metrics.get(f"{column}_usage")
+        metrics[f"{column}_codebook_usage"] = metric(inputs["tokens"], f"{column}_usage") if column in columns else None
     versions = {k: a.version for k, a in inputs.items()}
     with store.create("report", stage=NAME, config=config_of(config), inputs=versions,
                       code_version=CODE_VERSION) as out:

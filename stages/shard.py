@@ -42,7 +42,7 @@ from muse.datasets.sources import Item, SourceError, detect_kind, fingerprint, i
 NAME = "shard"
 INPUTS: tuple[str, ...] = ()
 OUTPUTS: tuple[str, ...] = ("shards",)
-CODE_VERSION = "2"  # 2: samples keep their producer's key
+CODE_VERSION = "2"
 
 REJECT_REASONS = (
     "corrupt", "truncated", "empty", "too_small", "too_large", "no_caption",

@@ -44,7 +44,7 @@ from muse.ray_runtime import gpus_per_actor, init_ray
 NAME = "tokenize"
 INPUTS: tuple[str, ...] = ("shards", "segments", "vqgan-low", "vqgan-high", "vqseg")
 OUTPUTS: tuple[str, ...] = ("tokens",)
-CODE_VERSION = "3"  # 2: fsq levels in the geometry; 3: flat split-named files, row groups across shards
+CODE_VERSION = "3"
 
 log = logging.getLogger("muse.stages.tokenize")
 

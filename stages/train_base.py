@@ -9,7 +9,7 @@ from muse.transformer_training import train_masked_stage, stage_config
 NAME = "train-base"
 INPUTS: tuple[str, ...] = ("tokens",)
 OUTPUTS: tuple[str, ...] = ("base",)
-CODE_VERSION = "2"  # 2: masks and condition dropout from the stage's own generator
+CODE_VERSION = "2"
 
 
 def config_of(config: PipelineConfig) -> dict:

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact
-from muse.config import ConfigError, PipelineConfig, TextEncoderConfig, TrainGuideConfig
+from muse.config import ConfigError, PipelineConfig, TrainGuideConfig
+from muse.contracts import TokensSchema, TransformerRecord
 from muse.datasets.shards import shard_files
 from muse.datasets.stream import iter_tar
 from muse.datasets.tokens import TokenTable, collate, token_batches
@@ -236,16 +237,16 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     create = {"stage": NAME, "config": config_of(config), "inputs": {k: a.version for k, a in inputs.items()},
               "code_version": CODE_VERSION}
     version = store.version_of(NAME, create["config"], create["inputs"], CODE_VERSION)
-    base, base_config = load_transformer(base_artifact.path)
+    base, _ = load_transformer(base_artifact.path)
     base.to(device)
     if base.spec.cond_codebook_size:
         raise ConfigError(f"{base_artifact.ref}: train-guide guides a base transformer, not a super-res one")
     block = base.spec.depth // 2 if c.block is None else c.block
     if block >= base.spec.depth:
         raise ConfigError(f"train_guide.block {block}: {base_artifact.ref} has blocks 0..{base.spec.depth - 1}")
-    text_info = json.loads((tokens.path / "_schema.json").read_text())["text"]
-    text_cfg = TextEncoderConfig.model_validate(base_config["text_encoder"])
-    text = CaptionMemory(text_cfg, text_info is not None, device)
+    text_info = TokensSchema.of(tokens.path).text
+    record = TransformerRecord.of(base_artifact.path)
+    text = CaptionMemory(record.text_encoder, text_info is not None, device)
     targets, extra_spec = (None, {}) if c.target == "caption" else metadata_targets(inputs["shards"], c)
     spec = GuideSpec(feature_dim=base.spec.dim, block=block, target=c.target, dim=c.dim,
                      text_dim=base.spec.text_dim if c.target == "caption" else 0, **extra_spec)
@@ -264,12 +265,12 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     bs, seed = c.train.batch_size, c.train.seed
     preview = None
     try:
-        tokenizer = store.resolve(base_config["tokenizers"]["tokens_low"]).path
+        tokenizer = store.resolve(record.tokenizers["tokens_low"]).path
         grid = GuidedGrid(SampleGrid(tokens.path, tokenizer, "tokens_low", None, text, device, config.sampling.base),
                           base, config.evaluate.guide_scales, targets)
         preview = lambda loop: grid(loop.trained("guide"))  # noqa: E731
     except MissingArtifact:  # tokens copied from another store: no previews
-        log.warning("train-guide: no previews: tokenizer %s is not in this store", base_config["tokenizers"]["tokens_low"])
+        log.warning("train-guide: no previews: tokenizer %s is not in this store", record.tokenizers["tokens_low"])
     figures = loop.run(lambda position: token_batches(train, bs, seed, position), preview=preview)
     try:
         val = TokenTable(tokens.path, "val", columns)

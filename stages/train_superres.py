@@ -10,7 +10,7 @@ from muse.transformer_training import train_masked_stage, stage_config
 NAME = "train-superres"
 INPUTS: tuple[str, ...] = ("tokens",)
 OUTPUTS: tuple[str, ...] = ("superres",)
-CODE_VERSION = "2"  # 2: masks and condition dropout from the stage's own generator
+CODE_VERSION = "2"
 
 
 def config_of(config: PipelineConfig) -> dict:

@@ -40,7 +40,7 @@ from muse.training import TrainLoop, record_training, seed_everything
 NAME = "train-vqgan"
 INPUTS: tuple[str, ...] = ("shards", "segments")
 OUTPUTS: tuple[str, ...] = ("vqgan-low", "vqgan-high", "vqseg")
-CODE_VERSION = "2"  # 2: one version per tokenizer
+CODE_VERSION = "2"
 
 log = logging.getLogger("muse.stages.train_vqgan")
 

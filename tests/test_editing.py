@@ -13,7 +13,7 @@ from muse.artifacts.store import ArtifactStore
 from muse.cli import main
 from muse.datasets.demo import make_sample
 from muse.editing import edit_tokens, image_tokens, outpaint_canvas, scene_tokens, token_mask
-from muse.generate import Pipeline
+from muse.generate import TextToImage
 
 
 def test_token_mask_marks_every_token_a_white_pixel_touches():
@@ -45,7 +45,7 @@ def _demo_image(cfg) -> Image.Image:
 
 def test_inpainting_keeps_every_token_outside_the_mask(trained_store):
     cfg, store, _ = trained_store
-    pipe = Pipeline.from_store(store)
+    pipe = TextToImage.from_store(store)
     image = _demo_image(cfg)
     mask = Image.new("L", image.size, 0)
     mask.paste(255, (0, 0, image.size[0] // 2, image.size[1]))  # the left half
@@ -62,7 +62,7 @@ def test_inpainting_keeps_every_token_outside_the_mask(trained_store):
 
 def test_mask_free_editing_resamples_only_the_least_likely_tokens(trained_store):
     cfg, store, _ = trained_store
-    pipe = Pipeline.from_store(store)
+    pipe = TextToImage.from_store(store)
     image = _demo_image(cfg)
     n = pipe.base.spec.side ** 2
     out = edit_tokens(pipe, image, "a blue square at the top", None, steps=4, superres_steps=2,
@@ -116,7 +116,7 @@ def test_scene_layout_conditions_a_base_model_trained_with_scene_tokens(trained_
     cfg = cfg.model_copy(update={"train_base": cfg.train_base.model_copy(update={"scene_conditioning": True})})
     base = train_base.run(cfg, {"tokens": own.get("tokens")}, own)
     assert base.version != arts["base"].version
-    pipe = Pipeline.from_store(own)
+    pipe = TextToImage.from_store(own)
     assert pipe.lineage["vqseg"] == arts["vqseg"].version
 
     labels = np.zeros((32, 32), np.int64)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from muse.artifacts.store import ArtifactStore
 from muse.config import ConfigError, SamplerConfig, load_config
-from muse.generate import Pipeline
+from muse.generate import TextToImage
 from muse.guidance import capture, features_at, guidance_step, steer
 from muse.models.guide import GuideHead, GuideSpec, load_guide
 from muse.models.transformer import MaskedTransformer, TransformerSpec
@@ -104,7 +104,7 @@ def test_train_guide_artifact_and_guided_generation(trained_store, tmp_path, cap
     head, config = load_guide(arts["guide"].path)
     assert head.spec.block == 0 and config["base"] == arts["base"].ref  # depth 1: the middle block is block 0
     assert arts["guide"].manifest.inputs["base"] == arts["base"].version
-    pipe = Pipeline.from_store(store)
+    pipe = TextToImage.from_store(store)
     assert pipe.guide is not None and pipe.lineage["guide"] == arts["guide"].version
     plain = pipe.generate_tokens(["a red circle"], seed=3, guide_scale=0.0)
     again = pipe.generate_tokens(["a red circle"], seed=3, guide_scale=0.0)
@@ -118,7 +118,7 @@ def test_train_guide_artifact_and_guided_generation(trained_store, tmp_path, cap
     assert [row["guide_scale"] for row in guidance] == [0.0, 0.25]  # the configured scale, then the compared one
     assert all(0 <= row["shape"] <= 1 and row["seconds_per_image"] > 0 for row in guidance)
     assert arts["report"].manifest.inputs["guide"] == arts["guide"].version
-    no_guide = Pipeline.from_store(store, pins={"guide": None})
+    no_guide = TextToImage.from_store(store, pins={"guide": None})
     with pytest.raises(ConfigError, match="no guide"):
         no_guide.generate_tokens(["a red circle"], guide_scale=1.0)
 
@@ -187,7 +187,7 @@ def test_a_label_guide_learns_above_chance_and_steers_towards_its_class(label_st
     assert m["val_accuracy_unmasked"] > m["chance"] + 0.2, m
     head, _ = load_guide(arts["guide"].path)
     assert len(head.spec.classes) >= 2
-    pipe = Pipeline.from_store(store)
+    pipe = TextToImage.from_store(store)
     with pytest.raises(ConfigError, match="not a class"):
         pipe.generate_tokens(["a shape"], sampling=pipe.resolve_sampling(guide_scale=1.0))
     wanted = head.spec.classes[0]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from muse import generate, sampling
 from muse.cli import main
-from muse.generate import Pipeline
+from muse.generate import TextToImage
 from muse.models.transformer import load_transformer
 from muse.models.vqgan import from_pretrained, load_decoder
 from muse.stages.finetune_decoder import tokenizer_digest
@@ -75,7 +75,7 @@ def test_the_base_link_grades_the_very_samples_the_report_generated(trained_stor
     cfg, store, arts = trained_store
     c = cfg.evaluate
     samples = [s for _, s in zip(range(c.num_prompts), read_samples(arts["shards"].path, "val"))]
-    pipe = Pipeline.from_store(store, pins={k: arts[k] for k in ("base", "superres", "decoder")})
+    pipe = TextToImage.from_store(store, pins={k: arts[k] for k in ("base", "superres", "decoder")})
     tokens = pipe.generate_tokens([s["caption"] for s in samples], sampling=cfg.sampling,
                                   seed=c.seed)
     # the report's samples are these tokens decoded: the base row must come from the same draw
@@ -103,7 +103,7 @@ def test_a_random_weight_clip_score_is_the_same_for_the_same_images(trained_stor
 
 def test_same_seed_same_image_and_the_finetuned_decoder_is_used(trained_store):
     _, store, arts = trained_store
-    pipe = Pipeline.from_store(store)
+    pipe = TextToImage.from_store(store)
     assert pipe.decoder is not None and pipe.lineage["decoder"] == arts["decoder"].version
     a = pipe.generate_tokens(["a red circle on the left"], steps=4, superres_steps=2, seed=5)
     b = pipe.generate_tokens(["a red circle on the left"], steps=4, superres_steps=2, seed=5)
@@ -123,7 +123,7 @@ def test_same_seed_same_image_and_the_finetuned_decoder_is_used(trained_store):
 
 def test_superres_alone_from_given_low_res_tokens(trained_store):
     _, store, _ = trained_store
-    pipe = Pipeline.from_store(store)
+    pipe = TextToImage.from_store(store)
     low = torch.randint(0, pipe.vq_low.cfg.codebook_size, (2, 16), generator=torch.Generator().manual_seed(0))
     out = pipe.generate_tokens(["a red circle", "a blue square"], superres_steps=2, tokens_low=low, seed=1)
     assert torch.equal(out["tokens_low"], low) and out["tokens_high"].shape == (2, 16)
@@ -223,7 +223,7 @@ def test_generation_defaults_to_the_sampler_settings_the_models_were_trained_wit
         (store.root / kind / "latest").write_text(arts[kind].version)
     train_base.run(cfg, {"tokens": arts["tokens"]}, store)
     train_superres.run(cfg, {"tokens": arts["tokens"]}, store)
-    pipe = Pipeline.from_store(store)
+    pipe = TextToImage.from_store(store)
     assert pipe.sampling == cfg.sampling
     default = pipe.generate_tokens(["a red circle on the left"], seed=3)
     explicit = pipe.generate_tokens(["a red circle on the left"], seed=3, sampling=cfg.sampling)

@@ -109,17 +109,19 @@ def test_fsq_low_res_ids_are_embedded_per_level():
 
 def test_superres_spec_takes_the_fsq_levels_from_the_tokens_geometry():
     from muse.config import load_config
+    from muse.contracts import TokenGeometry
     from muse.transformer_training import transformer_spec
 
     model_cfg = load_config("tiny").train_superres.model
     low = {"side": 8, "codebook_size": 1000, "resolution": 64, "tokenizer": "vqgan-low:v", "fsq_levels": [8, 5, 5, 5]}
     high = {"side": 16, "codebook_size": 256, "resolution": 128, "tokenizer": "vqgan-high:v", "fsq_levels": []}
-    spec = transformer_spec(model_cfg, {"tokens_low": low, "tokens_high": high}, 384, "tokens_high", "tokens_low", False)
+    geometry = {"tokens_low": TokenGeometry(**low), "tokens_high": TokenGeometry(**high)}
+    spec = transformer_spec(model_cfg, geometry, 384, "tokens_high", "tokens_low", False)
     assert spec.cond_levels == (8, 5, 5, 5) and spec.cond_codebook_size == 1000 and spec.codebook_size == 256
-    old_low = {k: v for k, v in low.items() if k != "fsq_levels"}  # tokens from tokenize code version 1
-    assert transformer_spec(model_cfg, {"tokens_low": old_low, "tokens_high": high}, 384, "tokens_high",
+    old_low = TokenGeometry(**{k: v for k, v in low.items() if k != "fsq_levels"})  # tokenize code version 1
+    assert transformer_spec(model_cfg, {**geometry, "tokens_low": old_low}, 384, "tokens_high",
                             "tokens_low", False).cond_levels == ()
-    assert transformer_spec(model_cfg, {"tokens_low": low}, 384, "tokens_low", None, False).cond_levels == ()
+    assert transformer_spec(model_cfg, geometry, 384, "tokens_low", None, False).cond_levels == ()
 
 
 def test_aligned_condition_reaches_each_high_res_token_from_its_own_low_res_token():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tarfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -33,6 +32,7 @@ from muse.config import ConfigError, PipelineConfig, SegmentConfig
 from muse.datasets.labels import LabelSpace, build_label_space, palette
 from muse.datasets.segments import SceneMaps, details
 from muse.datasets.shards import SPLITS, read_samples, shard_files
+from muse.datasets.tars import has_ending, tar_keys
 from muse.ray_runtime import gpus_per_actor, init_ray
 
 from .merge import SegmentMaps, merge
@@ -41,7 +41,7 @@ from .segmenters import ROLES, SceneInput, available_models, build_segmenter, ch
 NAME = "segment"
 INPUTS: tuple[str, ...] = ("shards",)
 OUTPUTS: tuple[str, ...] = ("segments",)
-CODE_VERSION = "2"  # 2: segmenters auto/none, a recorded plan
+CODE_VERSION = "2"
 MAX_LISTED_FAILURES = 50
 
 log = logging.getLogger("muse.stages.segment")
@@ -192,22 +192,6 @@ def finish(batch: dict, names: list[str], dataset_classes: list[str]) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def _shard_keys(path: Path) -> list[str]:
-    """Sample keys of a tar in order (member names up to the first dot)."""
-    with tarfile.open(path) as tf:
-        keys = [m.name.split(".", 1)[0] for m in tf if m.isfile()]
-    return list(dict.fromkeys(keys))
-
-
-def _masks_shipped(paths: list[Path]) -> bool:
-    """Whether any sample of these tars carries a COCO-panoptic mask (reads tar headers only)."""
-    for path in paths:
-        with tarfile.open(path) as tf:
-            if any(m.name.endswith(".panoptic.png") for m in tf):
-                return True
-    return False
-
-
 def _segment_split(config: PipelineConfig, names: tuple[str, ...], paths: list[Path]):
     """Rows {key, path, error, seg, edge, class_pixels} for every sample of these shards, streamed."""
     import ray
@@ -252,7 +236,7 @@ def _preview(shards: Artifact, maps: dict[str, tuple[bytes, bytes]], space: Labe
 def _record_no_scene_maps(config: PipelineConfig, shards: Artifact, store: ArtifactStore, p: SceneMaps,
                           space: LabelSpace) -> Artifact:
     """The `segments` artifact of a run without scene maps: no tars, the reason in the manifest."""
-    samples = sum(len(_shard_keys(path)) for split in SPLITS for path in shard_files(shards.path, split))
+    samples = sum(len(tar_keys(path)) for split in SPLITS for path in shard_files(shards.path, split))
     with store.create("segments", stage=NAME, config=config_of(config), inputs={"shards": shards.version},
                       code_version=CODE_VERSION) as out:
         out.metrics = {"samples": samples, "segmented": 0, "failed": 0, "scene_maps": 0}
@@ -267,7 +251,8 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     shards = inputs["shards"]
     space = build_label_space(c.dataset_classes)
     check(c)
-    p = plan(c, _masks_shipped([path for split in SPLITS for path in shard_files(shards.path, split)]))
+    tars = [path for split in SPLITS for path in shard_files(shards.path, split)]
+    p = plan(c, any(has_ending(path, "panoptic.png") for path in tars))
     log.info("segment: %s: %s", p.plan, ", ".join(p.segmenters) or "no scene maps")
     if not p.present:
         wanted = _scene_conditioned(config)
@@ -287,7 +272,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
             if not paths:
                 continue
             (out.path / split).mkdir()
-            expected = {p.name: _shard_keys(p) for p in paths}
+            expected = {p.name: tar_keys(p) for p in paths}
             writers = {name: wds.TarWriter(str(out.path / split / name), mtime=0.0) for name in expected}
             written: dict[str, set[str]] = {name: set() for name in expected}
             failed: dict[str, set[str]] = {name: set() for name in expected}
