@@ -169,6 +169,7 @@ def val_figures(objective: GuideObjective, table: TokenTable, seed: int) -> dict
     objective.head.eval()
     objective.generator.manual_seed(seed)
     spec = objective.head.spec
+    keys = {table[i]["key"] for i in range(len(table))} if objective.targets is not None else set()
     out: dict[str, float] = {}
     for name, rate in (("val_accuracy", 0.5), ("val_accuracy_unmasked", 0.0)):
         hits = rows = 0.0
@@ -184,14 +185,14 @@ def val_figures(objective: GuideObjective, table: TokenTable, seed: int) -> dict
                 caps = batch["caption"]
                 chance.append((len(caps), sum(caps.count(a) for a in caps) / len(caps)))
         if spec.target == "score" and not spec.bin_edges:
-            values = np.array([v for k, v in objective.targets.items() if k in set(table_keys(table))])
+            values = np.array([v for k, v in objective.targets.items() if k in keys])
             out[name.replace("accuracy", "r2")] = round(1 - hits / max(rows, 1) / max(float(values.var()), 1e-12), 4)
             continue
         out[name] = round(hits / max(rows, 1), 4)
     if spec.target == "caption":
         out["chance"] = round(sum(matches for _, matches in chance) / max(sum(n for n, _ in chance), 1), 4)
     elif spec.target == "label" or spec.bin_edges:
-        counts = np.bincount([v for k, v in objective.targets.items() if k in set(table_keys(table))])
+        counts = np.bincount([v for k, v in objective.targets.items() if k in keys])
         out["chance"] = round(float(counts.max() / max(counts.sum(), 1)), 4)  # always the most common answer
     return out
 
@@ -223,10 +224,6 @@ class GuidedGrid:
             rows.append(grid[: grid.shape[0] // 2])
         head.train(was_training)
         return np.concatenate([*rows, grid[grid.shape[0] // 2:]], 0)
-
-
-def table_keys(table: TokenTable) -> list[str]:
-    return [table[i]["key"] for i in range(len(table))]
 
 
 def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
