@@ -10,13 +10,36 @@ the UI without the store being reachable from the browser.
 from __future__ import annotations
 
 import base64
+import io
 import json
+from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from .store import PREVIEW_DIR, Artifact, ArtifactStore
 
-_MAX_PREVIEW_BYTES = 2_000_000
+_MAX_PREVIEW_BYTES = 2_000_000  # what one page embeds per image; a larger preview is shown scaled down
+
+
+def _embedded(png: Path) -> tuple[str, str]:
+    """A preview as a data URI the UI renders without the store, and a note: PNG as it is when small enough,
+    else a JPEG scaled down until it fits, the note naming the full-size file."""
+    from PIL import Image
+
+    data = png.read_bytes()
+    if len(data) <= _MAX_PREVIEW_BYTES:
+        return f"data:image/png;base64,{base64.b64encode(data).decode()}", ""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    scale = 1.0
+    while True:
+        scale *= 0.7
+        small = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.LANCZOS)
+        buf = io.BytesIO()
+        small.save(buf, "JPEG", quality=85)
+        if buf.tell() <= _MAX_PREVIEW_BYTES:
+            break
+    note = f"shown at {small.width}x{small.height} of {image.width}x{image.height}; full size: `{png}`"
+    return f"data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}", note
 
 
 def _scalar(value: object) -> str:
@@ -44,11 +67,8 @@ def markdown_page(artifact: Artifact) -> str:
     parts += [f"- `{kind}:{version}`" for kind, version in sorted(m.inputs.items())] or ["- (none)"]
     previews = sorted((artifact.path / PREVIEW_DIR).glob("*.png")) if (artifact.path / PREVIEW_DIR).is_dir() else []
     for png in previews:
-        data = png.read_bytes()
-        if len(data) <= _MAX_PREVIEW_BYTES:
-            parts += [f"## {png.stem}", f"![{png.stem}](data:image/png;base64,{base64.b64encode(data).decode()})"]
-        else:
-            parts += [f"## {png.stem}", f"`{png}` ({len(data):,} bytes, too large to embed)"]
+        uri, note = _embedded(png)
+        parts += [f"## {png.stem}", f"![{png.stem}]({uri})", *([note] if note else [])]
     parts += ["## Config", "```json", json.dumps(m.config, indent=2), "```"]
     return "\n\n".join(parts)
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from muse.artifacts.store import ArtifactStore
 from muse.config import load_config
+from muse.stage import execute
 from muse.stages import shard
 
 
@@ -47,7 +48,7 @@ def bench_shard(folder: Path, workers: int, resolution: int, n: int) -> float:
             f"train_vqgan.low.resolution={resolution}", f"train_vqgan.high.resolution={resolution}",
         ])
         t = time.perf_counter()
-        art = shard.run(cfg, {}, ArtifactStore(tmp))
+        art = execute(shard, cfg, {}, ArtifactStore(tmp))
         elapsed = time.perf_counter() - t
         assert art.manifest.metrics["written"] == n, art.manifest.metrics
     return n / elapsed

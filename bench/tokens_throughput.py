@@ -27,13 +27,14 @@ from muse.datasets.labels import build_label_space
 from muse.datasets.shards import SPLITS, shard_files
 from muse.datasets.tokens import TokenTable, collate
 from muse.models.vqgan import VQModel, save_pretrained
+from muse.stage import execute
 from muse.stages import shard, tokenize
 
 
 def encode(n: int, preset: str, root: Path) -> dict:
     cfg = load_config(preset, overrides=[f"demo.num_samples={n}", "shard.samples_per_shard=500"])
     store = ArtifactStore(root / "store")
-    shards = shard.run(cfg, {}, store)
+    shards = execute(shard, cfg, {}, store)
     space = build_label_space(cfg.segment.dataset_classes)
     models = {}
     for name, mcfg, channels in (("low", cfg.train_vqgan.low, 3), ("high", cfg.train_vqgan.high, 3),

@@ -25,9 +25,18 @@ from muse.artifacts.remote import open_store
 from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact
 from muse.config import ConfigError, PipelineConfig, load_config
 from muse.errors import UserError
-from muse.stage import output_versions
+from muse.stage import StageContext
 
-from .dag import FULL_TRAIN, PRODUCER, STAGES, TARGETS, inputs_of, preflight, stages_for, upstream_stages
+from .dag import (
+    FULL_TRAIN,
+    PRODUCER,
+    STAGES,
+    TARGETS,
+    inputs_of,
+    preflight,
+    stages_for,
+    upstream_stages,
+)
 from .policy import DeploymentPolicy
 
 
@@ -76,15 +85,14 @@ def _run_stage(name: str, config: PipelineConfig, store_root: str, upstream: lis
     stage = STAGES[name]
     store = open_store(store_root)
     produced = {k: v for refs in upstream for k, v in refs.items()}
-    inputs = resolve_inputs(name, config, store, produced, pinned)
-    input_versions = {kind: a.version for kind, a in inputs.items()}
-    versions = output_versions(stage, config, input_versions)
-    key = "-".join(versions[kind] for kind in stage.OUTPUTS)
-    with store.producing(name, key):  # an identical run elsewhere finishes first; this one then reuses it
-        return _produce(name, stage, config, store, inputs, input_versions, versions, force, logger)
+    ctx = StageContext.of(stage, config, resolve_inputs(name, config, store, produced, pinned), store)
+    versions = {kind: ctx.version(kind) for kind in stage.OUTPUTS}
+    with store.producing(name, "-".join(versions.values())):  # an identical run elsewhere finishes first; this one then reuses it
+        return _produce(name, stage, ctx, versions, force, logger)
 
 
-def _produce(name, stage, config, store, inputs, input_versions, versions, force, logger) -> dict[str, str]:
+def _produce(name, stage, ctx: StageContext, versions: dict[str, str], force: bool, logger) -> dict[str, str]:
+    store = ctx.store
     if not force and all(store.has(kind, versions[kind]) for kind in stage.OUTPUTS):
         outputs = [store.get(kind, versions[kind]) for kind in stage.OUTPUTS]
         for a in outputs:
@@ -96,9 +104,12 @@ def _produce(name, stage, config, store, inputs, input_versions, versions, force
     if force:
         for kind in stage.OUTPUTS:
             store.clear_work(kind, versions[kind])
+            if store.has(kind, versions[kind]):  # training is seeded: the same config and inputs remake the same
+                logger.info("%s: forced: remaking %s with its config and inputs, so expect the same contents "
+                            "under the next vN", name, store.get(kind, versions[kind]).manifest.label)
     logger.info("%s: producing %s from %s", name, ", ".join(f"{k}:{v}" for k, v in versions.items()),
-                ", ".join(f"{k}:{v}" for k, v in input_versions.items()) or "no inputs")
-    result = stage.run(config, inputs, store)
+                ", ".join(f"{k}:{v}" for k, v in ctx.input_versions.items()) or "no inputs")
+    result = stage.run(ctx)
     outputs = [result] if isinstance(result, Artifact) else list(result)
     kinds = sorted(a.kind for a in outputs)
     if kinds != sorted(stage.OUTPUTS):

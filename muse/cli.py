@@ -309,10 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="muse", description="Train Muse-style text-to-image models end to end.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the pipeline or one stage in-process (ephemeral Prefect, no server)",
+    p = sub.add_parser("run", help="run the pipeline or one stage in this process (a temporary embedded Prefect "
+                       "API unless PREFECT_API_URL names a server)",
                        description="Run TARGET: full-train or one stage (its inputs come from the store).")
     p.add_argument("target", metavar="TARGET", help="full-train, shard, segment, train-vqgan, tokenize, "
-                   "train-base, train-superres, finetune-decoder or evaluate")
+                   "train-base, train-superres, train-guide, finetune-decoder or evaluate")
     _config_args(p)
     _store_arg(p)
     p.add_argument("--source", help="data for the shard stage: folder, metadata file, tar pattern (default: demo)")

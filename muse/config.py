@@ -208,6 +208,8 @@ class RayConfig(Section):
 
     address: str | None = Field(None, description="Cluster to join ('auto', 'ray://host:10001'); None starts Ray locally.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray; None = all cores.")
+    data_progress: bool = Field(False, description=(
+        "Show Ray Data's own progress blocks and execution plans; the stages log their own progress and ETA."))
 
 
 class WorkersConfig(Section):

@@ -12,7 +12,11 @@ log = logging.getLogger("muse.ray")
 def init_ray(config: RayConfig) -> None:
     """Join `config.address` (a cluster) or start Ray locally; reuse an instance this process already has."""
     import ray
+    from ray.data import DataContext
 
+    data = DataContext.get_current()
+    data.enable_progress_bars = data.enable_operator_progress_bars = config.data_progress
+    logging.getLogger("ray.data").setLevel(logging.INFO if config.data_progress else logging.WARNING)
     if ray.is_initialized():
         return
     if config.address:

@@ -4,7 +4,8 @@ At every checkpoint the training loop asks for a grid: a fixed set of val captio
 (the same every time, so grids compare across steps) is decoded by the MaskGIT sampler
 from the model being exported (its EMA copy when EMA is on), the token grids go through
 the target's tokenizer decoder, and the images are laid out one per caption, the real
-image's reconstruction from its own tokens in the row below.
+image's reconstruction from its own tokens in the row below; `labelled` adds the captions
+and row names a person reads it by.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from muse.config import SamplerConfig
 from muse.datasets.tokens import TokenTable, collate
+from muse.labelled_grid import label_grid
 from muse.models.vqgan import from_pretrained
 from muse.sampling import decode
 
@@ -58,3 +60,7 @@ class SampleGrid:
     @property
     def captions(self) -> list[str]:
         return list(self.batch["caption"])
+
+    def labelled(self, grid: np.ndarray, rows: list[str] | None = None) -> np.ndarray:
+        """`grid` (a row of cells per entry of `rows`, default sampled over real) with its captions and row names."""
+        return label_grid(grid, self.captions, rows or ["sampled", "real"])

@@ -14,16 +14,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact
-from safetensors.torch import load_file, save_file
-
+from muse.artifacts.store import Artifact, MissingArtifact
 from muse.config import (
     ConfigError,
     MaskedTransformerStageConfig,
     PipelineConfig,
-    RayConfig,
     SamplerConfig,
     TextEncoderConfig,
     TrainConfig,
@@ -34,7 +32,8 @@ from muse.distributed import fit, rank_world, worker_device, wrap_ddp
 from muse.masking import mask_tokens, sample_mask_rate
 from muse.models.transformer import MaskedTransformer, TransformerSpec, save_transformer
 from muse.sample_grid import SampleGrid
-from muse.training import TrainLoop, record_training, seeded
+from muse.stage import StageContext
+from muse.training import TrainLoop, seeded
 
 log = logging.getLogger("muse.transformer_training")
 RATE_BUCKETS = ((0.0, 0.4), (0.4, 0.8), (0.8, 1.01))
@@ -191,7 +190,7 @@ def fit_worker(job: TransformerJob) -> dict:
     preview = None
     if rank == 0 and job.tokenizer_path is not None:
         grid = SampleGrid(job.tokens_path, job.tokenizer_path, job.target, job.cond, text, device, job.sampler)
-        preview = lambda loop: grid(loop.trained("transformer"))  # noqa: E731
+        preview = lambda loop: grid.labelled(grid(loop.trained("transformer")))  # noqa: E731
     figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world), preview=preview)
     if rank == 0:
         save_file({k: v.detach().cpu().contiguous() for k, v in loop.trained("transformer").state_dict().items()},
@@ -223,28 +222,19 @@ def stage_config(config: PipelineConfig, section: str) -> dict:
             "text_encoder": config.tokenize.text_encoder.model_dump(mode="json")}
 
 
-def train_masked_stage(config: PipelineConfig, tokens: Artifact, store: ArtifactStore, *, stage: str,
-                       code_version: str, section: str, kind: str, target: str, cond: str | None,
+def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: str | None,
                        sampler: SamplerConfig) -> Artifact:
-    """The whole of `train-base` / `train-superres`: train `kind` on the `target` tokens of `tokens` (given the
-    `cond` tokens) with the settings of `config.<section>`, and commit it."""
-    create = {"stage": stage, "config": stage_config(config, section), "inputs": {"tokens": tokens.version},
-              "code_version": code_version}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return train_transformer(kind=kind, section=getattr(config, section), ray_cfg=config.ray, tokens=tokens,
-                             target=target, cond=cond, text_cfg=config.tokenize.text_encoder, sampler=sampler,
-                             store=store, create_kwargs=create, device=device)
-
-
-def train_transformer(*, kind: str, section: MaskedTransformerStageConfig, ray_cfg: RayConfig, tokens: Artifact,
-                      target: str, cond: str | None, text_cfg: TextEncoderConfig, sampler: SamplerConfig,
-                      store: ArtifactStore, create_kwargs: dict, device: torch.device) -> Artifact:
-    """Train (in-process, or on Ray Train workers), evaluate and commit one masked transformer (`base`/`superres`)."""
-    model_cfg, train_cfg, scene = section.model, section.train, section.scene_conditioning
+    """The whole of `train-base` / `train-superres`: train the stage's one output on the `target` tokens of its
+    `tokens` input (given the `cond` tokens) with the settings of `config.<section>` (in-process, or on Ray Train
+    workers), evaluate it and commit it."""
+    (kind,) = ctx.outputs
+    tokens, device, text_cfg = ctx.inputs["tokens"], ctx.device, ctx.config.tokenize.text_encoder
+    settings: MaskedTransformerStageConfig = getattr(ctx.config, section)
+    model_cfg, train_cfg, scene = settings.model, settings.train, settings.scene_conditioning
     schema = TokensSchema.of(tokens.path)
     geometry, text_info = schema.geometry, schema.text
     if scene and "seg_tokens" not in geometry:
-        raise ConfigError(f"{create_kwargs['stage'].replace('-', '_')}.scene_conditioning needs scene tokens, but "
+        raise ConfigError(f"{section}.scene_conditioning needs scene tokens, but "
                           f"{tokens.ref} has none (its run recorded no scene maps: {tokens.manifest.details['scene_plan']})")
     precomputed = text_info is not None
     if precomputed:  # the encoder that made the tokens' embeddings is the one generation must use
@@ -252,20 +242,18 @@ def train_transformer(*, kind: str, section: MaskedTransformerStageConfig, ray_c
     text = CaptionMemory(text_cfg, precomputed, device)
     text_dim = text_info.dim if precomputed else text.encoder.dim
     spec = transformer_spec(model_cfg, geometry, text_dim, target, cond, scene)
-    version = store.version_of(create_kwargs["stage"], create_kwargs["config"], create_kwargs["inputs"],
-                               create_kwargs["code_version"])
-    work_dir = store.work_dir(kind, version)
+    work_dir = ctx.work_dir(kind)
     columns = ["key", "caption", target, *([cond] if cond else []), *(["seg_tokens"] if scene else []),
                *(["text_emb", "text_len"] if precomputed else [])]
     try:
-        tokenizer_path = store.resolve(geometry[target].tokenizer).path
+        tokenizer_path = ctx.store.resolve(geometry[target].tokenizer).path
     except MissingArtifact:  # tokens copied from another store: train without sample grids
         log.warning("%s: no sample grids: tokenizer %s is not in this store", kind, geometry[target].tokenizer)
         tokenizer_path = None
     job = TransformerJob(kind, spec, train_cfg, text_cfg, precomputed, tokens.path, columns, target, cond,
-                         section.text_drop_rate, section.label_smoothing, section.scene_drop_rate, work_dir,
+                         settings.text_drop_rate, settings.label_smoothing, settings.scene_drop_rate, work_dir,
                          tokenizer_path, sampler)
-    figures = fit(fit_worker, job, section.workers, ray_cfg, work_dir)
+    figures = fit(fit_worker, job, settings.workers, ctx.config.ray, work_dir)
     trained = MaskedTransformer(spec)
     trained.load_state_dict(load_file(str(job.trained_path)))
     trained.to(device)
@@ -274,15 +262,14 @@ def train_transformer(*, kind: str, section: MaskedTransformerStageConfig, ray_c
     except FileNotFoundError:
         val = TokenTable(tokens.path, "train", columns)
     metrics = masked_accuracy(trained, val, target, text, cond, device)
-    with store.create(kind, **create_kwargs) as out:
+    steps, workers = int(figures.pop("steps")), int(figures.pop("workers"))
+    with ctx.commit(kind, figures, MAX_GRIDS) as out:
         record = TransformerRecord(spec={}, target=target, cond=cond, scene=scene, text=text_info,
                                    text_encoder=text_cfg, sampling=sampler,
                                    tokenizers={k: g.tokenizer for k, g in geometry.items()})
         save_transformer(trained, out.path, record.model_dump(mode="json", exclude={"spec"}))
-        steps = int(figures.pop("steps"))
-        out.metrics = {**metrics, "steps": steps, "workers": int(figures.pop("workers")),
-                       "parameters": sum(p.numel() for p in trained.parameters()),
-                       **record_training(work_dir, out.path, figures, MAX_GRIDS)}
+        out.metrics = {**metrics, "steps": steps, "workers": workers,
+                       "parameters": sum(p.numel() for p in trained.parameters())}
         out.details = {"spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__}}
     log.info("%s: %s", kind, metrics)
     return out.artifact

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
+from muse.artifacts.store import PREVIEW_DIR, Artifact
 from muse.config import EvaluateConfig, PipelineConfig, SamplingConfig
 from muse.contracts import TokensSchema, metric
 from muse.datasets.demo_check import grade
 from muse.datasets.shards import read_samples
 from muse.datasets.tokens import TokenTable
 from muse.generate import TextToImage, to_images
+from muse.stage import StageContext
 from muse.training import seeded
 
 NAME = "evaluate"
@@ -172,8 +173,9 @@ def _grid(images: list[Image.Image], captions: list[str], path, per_row: int = 8
     canvas.save(path)
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+def run(ctx: StageContext) -> Artifact:
     """Generate for `num_prompts` val captions and write the `report` artifact."""
+    config, inputs = ctx.config, ctx.inputs
     c = config.evaluate
     split = "val"
     samples = []
@@ -184,7 +186,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     if not samples:
         split = "train"
         samples = [s for _, s in zip(range(c.num_prompts), read_samples(inputs["shards"].path, split))]
-    pipe = TextToImage.from_store(store, pins={k: inputs.get(k) for k in ("base", "superres", "decoder", "guide")})
+    pipe = TextToImage.from_store(ctx.store, pins={k: inputs.get(k) for k in ("base", "superres", "decoder", "guide")})
     sampling = config.sampling
     if pipe.guide is None:  # no guide trained in this run: the guide scale has nothing to steer with
         sampling = sampling.model_copy(update={"guide": sampling.guide.model_copy(update={"scale": 0.0})})
@@ -232,9 +234,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     columns = TokensSchema.of(inputs["tokens"].path).geometry  # no seg_tokens without scene maps
     for column in ("tokens_low", "tokens_high", "seg_tokens"):
         metrics[f"{column}_codebook_usage"] = metric(inputs["tokens"], f"{column}_usage") if column in columns else None
-    versions = {k: a.version for k, a in inputs.items()}
-    with store.create("report", stage=NAME, config=config_of(config), inputs=versions,
-                      code_version=CODE_VERSION) as out:
+    with ctx.commit("report") as out:
         _grid(images, captions, out.path / PREVIEW_DIR / "samples.png")
         (out.path / "samples").mkdir()
         for s, img in zip(samples, images):

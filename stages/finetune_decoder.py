@@ -19,14 +19,21 @@ import torch
 from PIL import Image
 from torch import nn
 
-from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
+from muse.artifacts.store import PREVIEW_DIR, Artifact
 from muse.config import PipelineConfig, VQLossConfig
 from muse.datasets.decode import image_decoder
 from muse.datasets.shards import shard_files
 from muse.datasets.stream import batches, iter_tar, sample_stream
 from muse.models.image_loss import ImageLoss, perceptual_loss, psnr
-from muse.models.vqgan import LatentDecoder, VQModel, from_pretrained, init_from, save_decoder
-from muse.training import TrainLoop, record_training, seed_everything
+from muse.models.vqgan import (
+    LatentDecoder,
+    VQModel,
+    from_pretrained,
+    init_from,
+    save_decoder,
+)
+from muse.stage import StageContext
+from muse.training import TrainLoop, seed_everything
 
 NAME = "finetune-decoder"
 INPUTS: tuple[str, ...] = ("shards", "vqgan-high")
@@ -98,14 +105,10 @@ def compare(tokenizer: VQModel, decoder: LatentDecoder, files: list[Path], resol
     return {k: round(v / max(n, 1), 4) for k, v in sums.items()} | {"val_samples": n}, rows
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+def run(ctx: StageContext) -> Artifact:
     """Finetune a larger decoder for `vqgan-high` and commit it as `decoder`."""
-    c = config.finetune_decoder
-    shards, high = inputs["shards"], inputs["vqgan-high"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    create = {"stage": NAME, "config": config_of(config),
-              "inputs": {"shards": shards.version, "vqgan-high": high.version}, "code_version": CODE_VERSION}
-    version = store.version_of(NAME, create["config"], create["inputs"], CODE_VERSION)
+    c, device = ctx.config.finetune_decoder, ctx.device
+    shards, high = ctx.inputs["shards"], ctx.inputs["vqgan-high"]
     tokenizer = from_pretrained(high.path).to(device)
     before = tokenizer_digest(tokenizer)
     seed_everything(c.train.seed)
@@ -114,13 +117,12 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     objective = DecoderObjective(tokenizer, decoder, c.loss, perceptual_loss(c.loss, device))
     for module in objective.modules.values():
         module.to(device)
-    log.info("finetune-decoder: %.2fM -> %.2fM decoder parameters, %d tensors initialised from vqgan-high",
+    ctx.log.info("finetune-decoder: %.2fM -> %.2fM decoder parameters, %d tensors initialised from vqgan-high",
              sum(p.numel() for n, p in tokenizer.named_parameters() if n.startswith(("decoder.", "post_quant")))
              / 1e6, sum(p.numel() for p in decoder.parameters()) / 1e6, copied)
     train_files = shard_files(shards.path, "train")
     val_files = shard_files(shards.path, "val") or train_files
-    work_dir = store.work_dir("decoder", version)
-    loop = TrainLoop(c.train, objective, work_dir, "decoder", device)
+    loop = TrainLoop(c.train, objective, ctx.work_dir("decoder"), "decoder", device)
     decode = image_decoder(tokenizer.cfg.resolution)
     figures = loop.run(lambda position: batches(sample_stream(train_files, c.train.seed, position, c.train.shuffle_buffer),
                                                 c.train.batch_size, decode))
@@ -128,13 +130,12 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     if tokenizer_digest(tokenizer) != before:
         raise RuntimeError("finetune-decoder changed the frozen encoder/codebook: token ids would no longer match")
     metrics, rows = compare(tokenizer, trained, val_files, tokenizer.cfg.resolution, device)
-    with store.create("decoder", **create) as out:
+    with ctx.commit("decoder", figures) as out:
         save_decoder(trained, out.path, {"tokenizer": f"vqgan-high:{high.version}", "tokenizer_sha256": before})
         if rows:
             (out.path / PREVIEW_DIR).mkdir()
             Image.fromarray(np.concatenate(rows, 0)).save(out.path / PREVIEW_DIR / "input-old-new.png")
         out.metrics = {**metrics, "psnr_gain": round(metrics["new_psnr"] - metrics["old_psnr"], 4),
-                       "steps": loop.step, "initialised_tensors": copied,
-                       **record_training(work_dir, out.path, figures, grids=0)}
-    log.info("finetune-decoder: val %s", metrics)
+                       "steps": loop.step, "initialised_tensors": copied}
+    ctx.log.info("finetune-decoder: val %s", metrics)
     return out.artifact

@@ -34,10 +34,17 @@ import webdataset as wds
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
+from muse.artifacts.store import PREVIEW_DIR, Artifact
 from muse.config import PipelineConfig
 from muse.datasets.shards import SPLITS
-from muse.datasets.sources import Item, SourceError, detect_kind, fingerprint, iter_items
+from muse.datasets.sources import (
+    Item,
+    SourceError,
+    detect_kind,
+    fingerprint,
+    iter_items,
+)
+from muse.stage import StageContext
 
 NAME = "shard"
 INPUTS: tuple[str, ...] = ()
@@ -263,8 +270,9 @@ def _preview(samples: list[tuple[bytes, str]], path: Path, thumb: int = 128) -> 
     grid.save(path)
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+def run(ctx: StageContext) -> Artifact:
     """Read the configured source and write the `shards` artifact."""
+    config = ctx.config
     c = config.shard
     kind = source_kind(config)
     params = ImageParams(config.image_resolution, c.min_side, c.max_pixels, c.image_format, c.jpeg_quality,
@@ -285,8 +293,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     nbytes = 0
     start = time.perf_counter()
 
-    with store.create("shards", stage=NAME, config=config_of(config), inputs={},
-                      code_version=CODE_VERSION) as out:
+    with ctx.commit("shards") as out:
         writers = {}
         for s in SPLITS:
             (out.path / s).mkdir()

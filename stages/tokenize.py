@@ -30,16 +30,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from muse.artifacts.store import Artifact, ArtifactStore
+from muse.artifacts.store import Artifact
 from muse.config import PipelineConfig, TokenizeConfig, VQModelConfig
+from muse.contracts import TextEmbeddings, TokenGeometry
 from muse.datasets.decode import image_bytes, image_tensor, scene_tensor
 from muse.datasets.segments import scene_maps_of
 from muse.datasets.shards import SPLITS, shard_files
 from muse.datasets.stream import iter_tar
-from muse.datasets.tokens import SCHEMA_FILE, SCHEMA_METADATA_KEY, TOKEN_COLUMNS, token_file
+from muse.datasets.tokens import (
+    SCHEMA_FILE,
+    SCHEMA_METADATA_KEY,
+    TOKEN_COLUMNS,
+    token_file,
+)
 from muse.models.text import load_text_encoder
 from muse.models.vqgan import from_pretrained
 from muse.ray_runtime import gpus_per_actor, init_ray
+from muse.stage import StageContext
 
 NAME = "tokenize"
 INPUTS: tuple[str, ...] = ("shards", "segments", "vqgan-low", "vqgan-high", "vqseg")
@@ -56,18 +63,23 @@ def config_of(config: PipelineConfig) -> dict:
             "row_group_size": c.row_group_size}
 
 
-def schema(geometry: dict[str, dict], text: dict | None) -> pa.Schema:
+def _as_json(geometry: dict[str, TokenGeometry], text: TextEmbeddings | None) -> dict:
+    return {"geometry": {k: g.model_dump(mode="json") for k, g in geometry.items()},
+            "text": None if text is None else text.model_dump(mode="json")}
+
+
+def schema(geometry: dict[str, TokenGeometry], text: TextEmbeddings | None) -> pa.Schema:
     """The parquet schema for this token geometry (and text embedding shape when stored); geometry and text
     ride in its metadata, so a parquet file alone says how to read its lists."""
     fields = [pa.field("key", pa.string(), nullable=False), pa.field("caption", pa.string(), nullable=False),
               pa.field("split", pa.string(), nullable=False)]
     for column in (c for c in TOKEN_COLUMNS if c in geometry):
-        side = geometry[column]["side"]
+        side = geometry[column].side
         fields.append(pa.field(column, pa.list_(pa.uint16(), side * side), nullable=column == "seg_tokens"))
     if text is not None:
-        fields += [pa.field("text_emb", pa.list_(pa.float16(), text["max_length"] * text["dim"]), nullable=False),
+        fields += [pa.field("text_emb", pa.list_(pa.float16(), text.max_length * text.dim), nullable=False),
                    pa.field("text_len", pa.int16(), nullable=False)]
-    return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps({"geometry": geometry, "text": text})})
+    return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(_as_json(geometry, text))})
 
 
 def _column(values: list, field: pa.Field) -> pa.Array:
@@ -83,7 +95,7 @@ class ShardEncoder:
     """Ray actor: loads the tokenizers and the text encoder once, then encodes whole shards."""
 
     def __init__(self, models: dict[str, str], config: TokenizeConfig, num_labels: int, out_dir: str,
-                 geometry: dict, text: dict | None, device: str):
+                 geometry: dict[str, TokenGeometry], text: TextEmbeddings | None, device: str):
         self.device = torch.device(device)
         self.models = {k: from_pretrained(p).to(self.device) for k, p in models.items()}
         self.text = load_text_encoder(config.text_encoder, self.device) if config.precompute_text else None
@@ -186,13 +198,13 @@ def _code_stats(counts: np.ndarray) -> dict[str, float]:
             "top_code_share": round(float(counts.max() / total), 4)}
 
 
-def _geometry(inputs: dict[str, Artifact], scene: bool) -> dict[str, dict]:
+def _geometry(inputs: dict[str, Artifact], scene: bool) -> dict[str, TokenGeometry]:
     geometry = {}
     for column, kind in zip(TOKEN_COLUMNS, ("vqgan-low", "vqgan-high", "vqseg")[:3 if scene else 2]):
         model = VQModelConfig(**json.loads((inputs[kind].path / "config.json").read_text())["model"])
-        geometry[column] = {"side": model.token_side, "codebook_size": model.codebook_size,
-                            "resolution": model.resolution, "tokenizer": f"{kind}:{inputs[kind].version}",
-                            "fsq_levels": list(model.fsq_levels) if model.quantizer == "fsq" else []}
+        geometry[column] = TokenGeometry(side=model.token_side, codebook_size=model.codebook_size,
+                                         resolution=model.resolution, tokenizer=f"{kind}:{inputs[kind].version}",
+                                         fsq_levels=list(model.fsq_levels) if model.quantizer == "fsq" else [])
     return geometry
 
 
@@ -208,10 +220,11 @@ def shard_groups(paths: list[Path], row_group_size: int) -> list[list[Path]]:
     return [g for g in groups if g]
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+def run(ctx: StageContext) -> Artifact:
     """Encode every shard of `shards` (+ its `segments` sidecar) into the `tokens` parquet dataset."""
     import ray
 
+    config, inputs = ctx.config, ctx.inputs
     c = config.tokenize
     shards, segments = inputs["shards"], inputs["segments"]
     scene = scene_maps_of(segments)
@@ -219,8 +232,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     text = None
     if c.precompute_text:  # load once here: fails fast (weights missing) before Ray starts, and gives the width
         encoder = load_text_encoder(c.text_encoder)
-        text = {"encoder": c.text_encoder.model_dump(mode="json"), "dim": encoder.dim,
-                "max_length": encoder.max_length}
+        text = TextEmbeddings(encoder=c.text_encoder, dim=encoder.dim, max_length=encoder.max_length)
         del encoder
     space = segments.manifest.details["label_space"]
     items = []
@@ -233,10 +245,8 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
         raise ValueError(f"shards artifact {shards.version} has no tar files")
     init_ray(config.ray)
     gpus = gpus_per_actor(c.num_gpus)
-    versions = {k: a.version for k, a in inputs.items()}
     start = time.perf_counter()
-    with store.create("tokens", stage=NAME, config=config_of(config), inputs=versions,
-                      code_version=CODE_VERSION) as out:
+    with ctx.commit("tokens") as out:
         models = {"low": str(inputs["vqgan-low"].path), "high": str(inputs["vqgan-high"].path)}
         if scene.present:
             models["seg"] = str(inputs["vqseg"].path)
@@ -248,7 +258,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
                                    "device": "cuda" if gpus > 0 else "cpu"})
         rows = {split: 0 for split in SPLITS}
         missing = 0
-        counts = {n: np.zeros(geometry[n]["codebook_size"], np.int64) for n in TOKEN_COLUMNS if n in geometry}
+        counts = {n: np.zeros(geometry[n].codebook_size, np.int64) for n in TOKEN_COLUMNS if n in geometry}
         done = 0
         for result in ds.iter_rows():
             rows[result["split"]] += result["rows"]
@@ -261,17 +271,17 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
                      sum(rows.values()) / elapsed)
         elapsed = time.perf_counter() - start
         total = sum(rows.values())
-        sch = schema(geometry, text)
+        sch, recorded = schema(geometry, text), _as_json(geometry, text)
         (out.path / SCHEMA_FILE).write_text(json.dumps(
-            {"columns": {f.name: str(f.type) for f in sch}, "geometry": geometry, "text": text,
+            {"columns": {f.name: str(f.type) for f in sch}, **recorded,
              "label_space": space, "row_group_size": c.row_group_size}, indent=2))
         size = sum(p.stat().st_size for p in out.path.rglob("*.parquet"))
         usage = {name: _code_stats(counts[name]) for name in counts}
         out.metrics = {"rows": total, **{f"rows_{s}": n for s, n in rows.items()}, "missing_scene": missing,
                        "samples_per_s": round(total / elapsed, 1),
-                       "tokens_per_s": round(total * sum(g["side"] ** 2 for g in geometry.values()) / elapsed, 1),
+                       "tokens_per_s": round(total * sum(g.side ** 2 for g in geometry.values()) / elapsed, 1),
                        "bytes": size, **{f"{n}_{k}": v for n, u in usage.items() for k, v in u.items()}}
-        out.details = {"geometry": geometry, "text": text, "schema": {f.name: str(f.type) for f in sch},
+        out.details = {**recorded, "schema": {f.name: str(f.type) for f in sch},
                        "scene_maps": scene.present, "scene_plan": scene.plan,
                        "tables": {"codebooks": [{"column": n, **u} for n, u in usage.items()]}}
     log.info("tokenize: %d rows in %.1fs (%d without a scene map)", total, elapsed, missing)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from muse.artifacts.store import Artifact, ArtifactStore
+from muse.artifacts.store import Artifact
 from muse.config import PipelineConfig
-from muse.transformer_training import train_masked_stage, stage_config
+from muse.stage import StageContext
+from muse.transformer_training import stage_config, train_masked_stage
 
 NAME = "train-base"
 INPUTS: tuple[str, ...] = ("tokens",)
@@ -17,8 +18,7 @@ def config_of(config: PipelineConfig) -> dict:
     return stage_config(config, "train_base")
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+def run(ctx: StageContext) -> Artifact:
     """Train the base transformer on `tokens_low` and commit the `base` artifact."""
-    return train_masked_stage(config, inputs["tokens"], store, stage=NAME, code_version=CODE_VERSION,
-                              section="train_base", kind="base", target="tokens_low", cond=None,
-                              sampler=config.sampling.base)
+    return train_masked_stage(ctx, section="train_base", target="tokens_low", cond=None,
+                              sampler=ctx.config.sampling.base)

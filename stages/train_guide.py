@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact
+from muse.artifacts.store import Artifact, MissingArtifact
 from muse.config import ConfigError, PipelineConfig, TrainGuideConfig
 from muse.contracts import TokensSchema, TransformerRecord
 from muse.datasets.shards import shard_files
@@ -31,7 +31,8 @@ from muse.masking import mask_tokens, sample_mask_rate
 from muse.models.guide import GuideHead, GuideSpec, pooled_text, save_guide
 from muse.models.transformer import MaskedTransformer, load_transformer
 from muse.sample_grid import SampleGrid
-from muse.training import TrainLoop, record_training, seeded
+from muse.stage import StageContext
+from muse.training import TrainLoop, seeded
 from muse.transformer_training import CaptionMemory
 
 NAME = "train-guide"
@@ -223,17 +224,15 @@ class GuidedGrid:
                 grid = self.grid(self.base)
             rows.append(grid[: grid.shape[0] // 2])
         head.train(was_training)
-        return np.concatenate([*rows, grid[grid.shape[0] // 2:]], 0)
+        return self.grid.labelled(np.concatenate([*rows, grid[grid.shape[0] // 2:]], 0),
+                                  [f"guide {scale:g}" for scale in self.scales] + ["real"])
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+def run(ctx: StageContext) -> Artifact:
     """Train the guide head of `base` and commit the `guide` artifact."""
+    config, inputs, device = ctx.config, ctx.inputs, ctx.device
     c = config.train_guide
     base_artifact, tokens = inputs["base"], inputs["tokens"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    create = {"stage": NAME, "config": config_of(config), "inputs": {k: a.version for k, a in inputs.items()},
-              "code_version": CODE_VERSION}
-    version = store.version_of(NAME, create["config"], create["inputs"], CODE_VERSION)
     base, _ = load_transformer(base_artifact.path)
     base.to(device)
     if base.spec.cond_codebook_size:
@@ -255,14 +254,13 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
         log.info("train-guide: %s in %d of %d train rows' metadata", c.field, len(targets["train"]), len(train))
         targets = {**targets["train"], **targets["val"]}
     objective = GuideObjective(base, head, text, targets, c.train.seed)
-    work_dir = store.work_dir("guide", version)
     log.info("train-guide: %s head on block %d of %s (%.2fM parameters)", c.target, block, base_artifact.manifest.label,
              sum(p.numel() for p in head.parameters()) / 1e6)
-    loop = TrainLoop(c.train, objective, work_dir, "guide", device)
+    loop = TrainLoop(c.train, objective, ctx.work_dir("guide"), "guide", device)
     bs, seed = c.train.batch_size, c.train.seed
     preview = None
     try:
-        tokenizer = store.resolve(record.tokenizers["tokens_low"]).path
+        tokenizer = ctx.store.resolve(record.tokenizers["tokens_low"]).path
         grid = GuidedGrid(SampleGrid(tokens.path, tokenizer, "tokens_low", None, text, device, config.sampling.base),
                           base, config.evaluate.guide_scales, targets)
         preview = lambda loop: grid(loop.trained("guide"))  # noqa: E731
@@ -274,11 +272,10 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
     except FileNotFoundError:
         val = train
     metrics = val_figures(objective, val, seed)
-    with store.create("guide", **create) as out:
+    with ctx.commit("guide", figures, grids=4) as out:
         save_guide(head, out.path, {"base": base_artifact.ref, "field": c.field,
                                     "sampling": config.sampling.guide.model_dump(mode="json")})
-        out.metrics = {**metrics, "steps": loop.step, "parameters": sum(p.numel() for p in head.parameters()),
-                       **record_training(work_dir, out.path, figures)}
+        out.metrics = {**metrics, "steps": loop.step, "parameters": sum(p.numel() for p in head.parameters())}
         out.details = {"spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__}}
     log.info("train-guide: %s", metrics)
     return out.artifact

@@ -3,9 +3,10 @@ low-res tokens, so it needs nothing from `train-base`)."""
 
 from __future__ import annotations
 
-from muse.artifacts.store import Artifact, ArtifactStore
+from muse.artifacts.store import Artifact
 from muse.config import PipelineConfig
-from muse.transformer_training import train_masked_stage, stage_config
+from muse.stage import StageContext
+from muse.transformer_training import stage_config, train_masked_stage
 
 NAME = "train-superres"
 INPUTS: tuple[str, ...] = ("tokens",)
@@ -18,8 +19,7 @@ def config_of(config: PipelineConfig) -> dict:
     return stage_config(config, "train_superres")
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+def run(ctx: StageContext) -> Artifact:
     """Train the super-res transformer on `tokens_high` given `tokens_low`; commit `superres`."""
-    return train_masked_stage(config, inputs["tokens"], store, stage=NAME, code_version=CODE_VERSION,
-                              section="train_superres", kind="superres", target="tokens_high", cond="tokens_low",
-                              sampler=config.sampling.superres)
+    return train_masked_stage(ctx, section="train_superres", target="tokens_high", cond="tokens_low",
+                              sampler=ctx.config.sampling.superres)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
+from muse.artifacts.store import PREVIEW_DIR, Artifact
 from muse.config import PipelineConfig, TrainConfig, VQLossConfig, VQModelConfig
 from muse.datasets.decode import image_decoder, scene_decoder
 from muse.datasets.labels import build_label_space, palette
@@ -34,8 +34,8 @@ from muse.datasets.segments import scene_maps_of
 from muse.datasets.stream import batches, iter_tar, sample_stream
 from muse.models.image_loss import ImageLoss, perceptual_loss, psnr
 from muse.models.vqgan import VQModel, save_pretrained
-from muse.stage import OutputSpec
-from muse.training import TrainLoop, record_training, seed_everything
+from muse.stage import OutputSpec, StageContext
+from muse.training import TrainLoop, seed_everything
 
 NAME = "train-vqgan"
 INPUTS: tuple[str, ...] = ("shards", "segments")
@@ -178,10 +178,12 @@ def save_preview(inputs: torch.Tensor, recon: torch.Tensor, path: Path, scene: b
 # ----------------------------------------------------------------------------- the stage
 
 
-def _train_one(kind: str, model_cfg: VQModelConfig, train_cfg: TrainConfig, objective, train_files, val_files,
-               decode, work_dir: Path, device, scene: bool, store: ArtifactStore, create_kwargs: dict,
-               channels: int, extra: dict) -> Artifact:
-    loop = TrainLoop(train_cfg, objective, work_dir, kind, device)
+def _train_one(ctx: StageContext, kind: str, model_cfg: VQModelConfig, train_cfg: TrainConfig, objective,
+               data: Artifact, decode, channels: int, extra: dict) -> Artifact:
+    """Train tokenizer `kind` on the tars of `data` (shards, or segments for the scene tokenizer) and commit it."""
+    scene, device = kind == "vqseg", ctx.device
+    train_files, val_files = _tars(data, "train"), _tars(data, "val")
+    loop = TrainLoop(train_cfg, objective, ctx.work_dir(kind), kind, device)
     seed = train_cfg.seed
 
     def data(position: int):
@@ -191,48 +193,45 @@ def _train_one(kind: str, model_cfg: VQModelConfig, train_cfg: TrainConfig, obje
     figures = loop.run(data)
     model = loop.trained("vq")
     metrics, first = evaluate(model, val_files or train_files, decode, train_cfg.batch_size, scene, device)
-    with store.create(kind, **create_kwargs) as out:
+    with ctx.commit(kind, figures) as out:
         save_pretrained(model, out.path, channels, channels, extra)
         if first is not None:
             save_preview(*first, out.path / PREVIEW_DIR / "reconstructions.png", scene)
-        out.metrics = {**metrics, "steps": loop.step, **record_training(work_dir, out.path, figures, grids=0)}
+        out.metrics = {**metrics, "steps": loop.step}
         out.details = {"resolution": model_cfg.resolution, "token_side": model_cfg.token_side,
                        "codebook_size": model_cfg.codebook_size, "val_split": "val" if val_files else "train"}
     log.info("%s: val %s", kind, metrics)
     return out.artifact
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> list[Artifact]:
-    """Train and commit vqgan-low, vqgan-high and vqseg (each skipped if already committed at this version)."""
-    c = config.train_vqgan
-    shards, segments = inputs["shards"], inputs["segments"]
-    specs = outputs(config, {"shards": shards.version, "segments": segments.version})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    perceptual = perceptual_loss(c.loss, device)
+def _tars(art: Artifact, split: str) -> list[Path]:
+    return sorted((art.path / split).glob("*.tar"))
 
-    def files(art: Artifact, split: str) -> list[Path]:
-        return sorted((art.path / split).glob("*.tar"))
+
+def run(ctx: StageContext) -> list[Artifact]:
+    """Train and commit vqgan-low, vqgan-high and vqseg (each skipped if already committed at this version)."""
+    config, device = ctx.config, ctx.device
+    c = config.train_vqgan
+    shards, segments = ctx.inputs["shards"], ctx.inputs["segments"]
+    perceptual = perceptual_loss(c.loss, device)
 
     out = []
     for kind, tokenizer, model_cfg in (("vqgan-low", "low", c.low), ("vqgan-high", "high", c.high)):
-        version, create_kwargs = specs[kind].version(NAME, CODE_VERSION), specs[kind].create_kwargs(NAME, CODE_VERSION)
-        if store.has(kind, version):
-            out.append(store.get(kind, version))
+        if (done := ctx.existing(kind)) is not None:
+            out.append(done)
             continue
         seed_everything(c.train.seed)
         objective = ImageObjective(VQModel(model_cfg).to(device), c.loss, perceptual)
         for module in objective.modules.values():
             module.to(device)
-        out.append(_train_one(kind, model_cfg, c.train_for(tokenizer), objective, files(shards, "train"), files(shards, "val"),
-                              image_decoder(model_cfg.resolution), store.work_dir(kind, version), device, False,
-                              store, create_kwargs, 3, {"input": "rgb in [-1, 1]"}))
+        out.append(_train_one(ctx, kind, model_cfg, c.train_for(tokenizer), objective, shards,
+                              image_decoder(model_cfg.resolution), 3, {"input": "rgb in [-1, 1]"}))
 
     scene = scene_maps_of(segments)
-    version, create_kwargs = specs["vqseg"].version(NAME, CODE_VERSION), specs["vqseg"].create_kwargs(NAME, CODE_VERSION)
-    if store.has("vqseg", version):
-        out.append(store.get("vqseg", version))
+    if (done := ctx.existing("vqseg")) is not None:
+        out.append(done)
     elif not scene.present:
-        with store.create("vqseg", **create_kwargs) as art:
+        with ctx.commit("vqseg") as art:
             art.metrics = {"steps": 0, "scene_maps": 0}
             art.details = scene_details(scene)
         log.info("vqseg: not trained: %s has no scene maps (%s)", segments.ref, scene.plan)
@@ -243,8 +242,7 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
         weights = torch.tensor([c.face_class_weight if g == "face" else 1.0 for g in space.groups])
         seed_everything(c.train.seed)
         model = VQModel(c.seg, channels, channels).to(device)
-        out.append(_train_one("vqseg", c.seg, c.train_for("seg"), SceneObjective(model, weights), files(segments, "train"),
-                              files(segments, "val"), scene_decoder(c.seg.resolution, space.size),
-                              store.work_dir("vqseg", version), device, True, store, create_kwargs, channels,
+        out.append(_train_one(ctx, "vqseg", c.seg, c.train_for("seg"), SceneObjective(model, weights), segments,
+                              scene_decoder(c.seg.resolution, space.size), channels,
                               {"input": "one-hot labels then edge", "label_space": space.to_json()}))
     return out

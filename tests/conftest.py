@@ -6,6 +6,7 @@ import pytest
 
 from muse.artifacts.store import ArtifactStore
 from muse.config import load_config
+from muse.stage import execute
 
 # Small geometry so tests run in seconds: 32 px shards, 8 demo images per test unless asked otherwise.
 SMALL = [
@@ -79,23 +80,29 @@ def pipeline_store(tmp_path_factory, ray_local):
 
     cfg = load_config("tiny", overrides=[*SMALL, "tokenize.row_group_size=4", "tokenize.batch_size=3"])
     store = ArtifactStore(tmp_path_factory.mktemp("pipeline") / "store")
-    arts = {"shards": shard.run(cfg, {}, store)}
-    arts["segments"] = segment.run(cfg, arts, store)
-    arts.update({a.kind: a for a in train_vqgan.run(cfg, arts, store)})
-    arts["tokens"] = tokenize.run(cfg, arts, store)
+    arts = {"shards": execute(shard, cfg, {}, store)}
+    arts["segments"] = execute(segment, cfg, arts, store)
+    arts.update({a.kind: a for a in execute(train_vqgan, cfg, arts, store)})
+    arts["tokens"] = execute(tokenize, cfg, arts, store)
     return cfg, store, arts
 
 
 @pytest.fixture(scope="session")
 def trained_store(pipeline_store):
     """pipeline_store plus base, guide, superres, decoder and report (a few steps each), built once per session."""
-    from muse.stages import evaluate, finetune_decoder, train_base, train_guide, train_superres
+    from muse.stages import (
+        evaluate,
+        finetune_decoder,
+        train_base,
+        train_guide,
+        train_superres,
+    )
 
     cfg, store, arts = pipeline_store
     arts = dict(arts)
-    arts["base"] = train_base.run(cfg, arts, store)
-    arts["guide"] = train_guide.run(cfg, arts, store)
-    arts["superres"] = train_superres.run(cfg, arts, store)
-    arts["decoder"] = finetune_decoder.run(cfg, arts, store)
-    arts["report"] = evaluate.run(cfg, arts, store)
+    arts["base"] = execute(train_base, cfg, arts, store)
+    arts["guide"] = execute(train_guide, cfg, arts, store)
+    arts["superres"] = execute(train_superres, cfg, arts, store)
+    arts["decoder"] = execute(finetune_decoder, cfg, arts, store)
+    arts["report"] = execute(evaluate, cfg, arts, store)
     return cfg, store, arts

@@ -8,12 +8,13 @@ import sys
 import pytest
 
 from muse.cli import main
+from muse.stage import execute
 from muse.stages import shard
 
 
 @pytest.fixture
 def written_store(store, small_config):
-    shard.run(small_config(), {}, store)
+    execute(shard, small_config(), {}, store)
     return store
 
 

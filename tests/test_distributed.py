@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from muse.config import RayConfig, WorkersConfig
 from muse.distributed import fit, rank_world, wrap_ddp
 from muse.models.transformer import MaskedTransformer, TransformerSpec
+from muse.stage import execute
 from muse.transformer_training import MaskedLM
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers need not import tests/
@@ -75,7 +76,7 @@ def test_train_base_on_two_ray_train_workers(pipeline_store, store):
     tb = cfg.train_base
     cfg = cfg.model_copy(update={"train_base": tb.model_copy(update={
         "workers": WorkersConfig(num_workers=2), "train": tb.train.model_copy(update={"steps": 3})})})
-    out = train_base.run(cfg, {"tokens": arts["tokens"]}, store)
+    out = execute(train_base, cfg, {"tokens": arts["tokens"]}, store)
     m = out.manifest.metrics
     assert m["workers"] == 2 and m["steps"] == 3 and 0 <= m["val_masked_acc"] <= 1
     assert (out.path / "model.safetensors").is_file()

@@ -12,8 +12,15 @@ from PIL import Image
 from muse.artifacts.store import ArtifactStore
 from muse.cli import main
 from muse.datasets.demo import make_sample
-from muse.editing import edit_tokens, image_tokens, outpaint_canvas, scene_tokens, token_mask
+from muse.editing import (
+    edit_tokens,
+    image_tokens,
+    outpaint_canvas,
+    scene_tokens,
+    token_mask,
+)
 from muse.generate import TextToImage
+from muse.stage import execute
 
 
 def test_token_mask_marks_every_token_a_white_pixel_touches():
@@ -114,7 +121,7 @@ def test_scene_layout_conditions_a_base_model_trained_with_scene_tokens(trained_
     own = ArtifactStore(tmp_path / "store")
     shutil.copytree(store.root, own.root)
     cfg = cfg.model_copy(update={"train_base": cfg.train_base.model_copy(update={"scene_conditioning": True})})
-    base = train_base.run(cfg, {"tokens": own.get("tokens")}, own)
+    base = execute(train_base, cfg, {"tokens": own.get("tokens")}, own)
     assert base.version != arts["base"].version
     pipe = TextToImage.from_store(own)
     assert pipe.lineage["vqseg"] == arts["vqseg"].version

@@ -27,8 +27,10 @@ def test_stage_runs_then_is_up_to_date_then_forced(prefect_api, store, caplog):
     again = store.get("shards")
     assert again.manifest.seq == 1 and again.manifest.created == created  # untouched
 
+    caplog.clear()
     assert _run(store, "shard", force=["shard"]) == first
     assert store.get("shards").manifest.seq == 2
+    assert f"forced: remaking shards v1 ({art.version})" in caplog.text
 
     changed = _run(store, "shard", overrides=[*SMALL, "demo.seed=9"])
     assert changed["shards"] != first["shards"] and len(store.list("shards")) == 2

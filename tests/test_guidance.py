@@ -11,9 +11,11 @@ from muse.artifacts.store import ArtifactStore
 from muse.config import ConfigError, SamplerConfig, load_config
 from muse.generate import TextToImage
 from muse.guidance import capture, features_at, guidance_step, steer
+from muse.labelled_grid import LINE_HEIGHT, MIN_CELL
 from muse.models.guide import GuideHead, GuideSpec, load_guide
 from muse.models.transformer import MaskedTransformer, TransformerSpec
 from muse.sampling import decode
+from muse.stage import execute
 from muse.training import TrainLoop
 
 from .conftest import SMALL
@@ -99,7 +101,8 @@ def test_train_guide_artifact_and_guided_generation(trained_store, tmp_path, cap
     m = arts["guide"].manifest.metrics
     assert m["steps"] == 4 and {"val_accuracy", "val_accuracy_unmasked", "chance"} <= set(m)
     grid = np.asarray(Image.open(arts["guide"].path / "previews" / "samples-step-0000004.png"))
-    assert grid.shape[0] == 3 * 32 and grid.std() > 0  # unguided, guided at 0.25, then the reconstructions
+    # unguided, guided at 0.25, then the reconstructions: 32 px cells at 96, over the caption band
+    assert grid.shape[0] == 3 * MIN_CELL + 3 * LINE_HEIGHT + 6 and grid.std() > 0
     assert (arts["guide"].path / "tensorboard").is_dir()
     head, config = load_guide(arts["guide"].path)
     assert head.spec.block == 0 and config["base"] == arts["base"].ref  # depth 1: the middle block is block 0
@@ -124,11 +127,11 @@ def test_train_guide_artifact_and_guided_generation(trained_store, tmp_path, cap
 
 
 def test_resume_equals_an_uninterrupted_run(trained_store, tmp_path):
-    from muse.stages import train_guide
+    from muse.config import TextEncoderConfig
     from muse.datasets.tokens import TokenTable, token_batches
     from muse.models.transformer import load_transformer
+    from muse.stages import train_guide
     from muse.transformer_training import CaptionMemory
-    from muse.config import TextEncoderConfig
 
     cfg, _, arts = trained_store
     base, base_config = load_transformer(arts["base"].path)
@@ -161,7 +164,14 @@ def test_resume_equals_an_uninterrupted_run(trained_store, tmp_path):
 def label_store(tmp_path_factory, ray_local):
     """200 demo images through tokenize, a base that has learned a little (300 steps), and a guide trained on the
     background colour."""
-    from muse.stages import segment, shard, tokenize, train_base, train_guide, train_vqgan
+    from muse.stages import (
+        segment,
+        shard,
+        tokenize,
+        train_base,
+        train_guide,
+        train_vqgan,
+    )
 
     cfg = load_config("tiny", overrides=[
         *SMALL, "demo.num_samples=200", "shard.samples_per_shard=50", "shard.val_fraction=0.2",
@@ -172,12 +182,12 @@ def label_store(tmp_path_factory, ray_local):
         "train_guide.train.steps=300", "train_guide.train.batch_size=32", "train_guide.train.lr=0.003",
         "train_guide.train.warmup_steps=5", "train_guide.dim=32"])
     store = ArtifactStore(tmp_path_factory.mktemp("guide") / "store")
-    arts = {"shards": shard.run(cfg, {}, store)}
-    arts["segments"] = segment.run(cfg, arts, store)
-    arts.update({a.kind: a for a in train_vqgan.run(cfg, arts, store)})
-    arts["tokens"] = tokenize.run(cfg, arts, store)
-    arts["base"] = train_base.run(cfg, arts, store)
-    arts["guide"] = train_guide.run(cfg, arts, store)
+    arts = {"shards": execute(shard, cfg, {}, store)}
+    arts["segments"] = execute(segment, cfg, arts, store)
+    arts.update({a.kind: a for a in execute(train_vqgan, cfg, arts, store)})
+    arts["tokens"] = execute(tokenize, cfg, arts, store)
+    arts["base"] = execute(train_base, cfg, arts, store)
+    arts["guide"] = execute(train_guide, cfg, arts, store)
     return cfg, store, arts
 
 
@@ -216,7 +226,7 @@ def test_a_score_guide_reports_r2_and_bins_report_accuracy(label_store):
         c = cfg.model_copy(update={"train_guide": cfg.train_guide.model_copy(update={
             "target": "score", "field": "source_info.objects.0.bbox.0", "train": cfg.train_guide.train.model_copy(
                 update={"steps": 20}), **extra})})
-        m = train_guide.run(c, arts, store).manifest.metrics
+        m = execute(train_guide, c, arts, store).manifest.metrics
         assert figure in m and m[figure] <= 1 and m["steps"] == 20
         head, _ = load_guide(store.get("guide").path)
         assert len(head.spec.bin_centres) == extra.get("score_bins", 0)
@@ -230,4 +240,4 @@ def test_a_metadata_field_that_is_not_a_number_is_an_error_naming_the_file_and_f
     c = cfg.model_copy(update={"train_guide": cfg.train_guide.model_copy(update={
         "target": "score", "field": "source_info.background"})})
     with pytest.raises(ConfigError, match=r"\.tar: sample \d+: train_guide.field 'source_info.background' is"):
-        train_guide.run(c, arts, store)
+        execute(train_guide, c, arts, store)

@@ -11,6 +11,7 @@ import pytest
 from muse.artifacts.remote import RemoteArtifactStore, is_remote, open_store
 from muse.artifacts.store import ArtifactStore
 from muse.cli import main
+from muse.stage import execute
 from muse.stages import shard
 from tests.conftest import SMALL
 
@@ -85,7 +86,7 @@ def test_verify_and_pull_catch_a_flipped_remote_byte(url, tmp_path):
 def test_stage_and_cli_on_a_remote_store(url, tmp_path, small_config, capsys, monkeypatch):
     monkeypatch.setenv("MUSE_CACHE", str(tmp_path / "cache"))
     store = open_store(url)
-    art = shard.run(small_config(), {}, store)
+    art = execute(shard, small_config(), {}, store)
     assert main(["artifacts", "ls", "--store", url]) == 0
     assert art.version in capsys.readouterr().out
     assert main(["artifacts", "verify", "--store", url]) == 0

@@ -8,16 +8,21 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from muse.config import FaceSegmenterConfig, HumanSegmenterConfig, PanopticSegmenterConfig
+from muse.config import (
+    FaceSegmenterConfig,
+    HumanSegmenterConfig,
+    PanopticSegmenterConfig,
+)
 from muse.datasets.demo import panoptic_ids, write_folder
 from muse.datasets.labels import COCO_STUFF, COCO_THINGS, build_label_space
 from muse.datasets.shards import read_samples, shard_files
+from muse.stage import execute
 from muse.stages import segment, shard
 from muse.stages.segment.merge import SegmentMaps, boundaries, merge
 from muse.stages.segment.segmenters import (
+    Detectron2Panoptic,
     FaceSegmenter,
     HumanSegmenter,
-    Detectron2Panoptic,
     MissingExtra,
     SceneInput,
     panoptic_to_maps,
@@ -174,8 +179,8 @@ def _seg_cfg(small_config, *extra):
 
 def test_masks_segmenter_end_to_end_matches_ground_truth(ray_local, store, small_config):
     cfg = _seg_cfg(small_config)
-    shards = shard.run(cfg, {}, store)
-    art = segment.run(cfg, {"shards": shards}, store)
+    shards = execute(shard, cfg, {}, store)
+    art = execute(segment, cfg, {"shards": shards}, store)
     m = art.manifest
     assert m.metrics["samples"] == m.metrics["segmented"] == 24 and m.metrics["failed"] == 0
     assert m.details["label_space"]["158"] == {"name": "circle", "group": "dataset"}
@@ -204,12 +209,12 @@ def test_failed_samples_are_recorded_and_the_threshold_applies(ray_local, tmp_pa
     Image.new("RGB", (48, 48), (10, 200, 10)).save(src / "zz_nomask.png")  # an image without a mask
     (src / "zz_nomask.txt").write_text("a green square")
     cfg = _seg_cfg(small_config, f"shard.source={src}", "shard.val_fraction=0")
-    shards = shard.run(cfg, {}, store)
+    shards = execute(shard, cfg, {}, store)
     with pytest.raises(RuntimeError, match=r"1 of 7 samples failed.*no panoptic.png mask"):
-        segment.run(cfg, {"shards": shards}, store)
+        execute(segment, cfg, {"shards": shards}, store)
     assert store.list("segments") == []  # nothing committed
     lenient = _seg_cfg(small_config, f"shard.source={src}", "shard.val_fraction=0", "segment.max_failed_fraction=0.2")
-    art = segment.run(lenient, {"shards": shards}, store)
+    art = execute(segment, lenient, {"shards": shards}, store)
     assert art.manifest.metrics["failed"] == 1 and art.manifest.metrics["segmented"] == 6
     assert "no panoptic.png mask" in art.manifest.details["failures"][0]["reason"]
 
@@ -225,7 +230,7 @@ def test_killed_worker_leaves_no_duplicate_or_missing_keys(ray_local, store, sma
     import psutil
 
     cfg = _seg_cfg(small_config, "demo.num_samples=400", "segment.batch_size=2", "shard.samples_per_shard=50")
-    shards = shard.run(cfg, {}, store)
+    shards = execute(shard, cfg, {}, store)
     result, killed = {}, []
 
     def killer():
@@ -241,7 +246,7 @@ def test_killed_worker_leaves_no_duplicate_or_missing_keys(ray_local, store, sma
 
     t = threading.Thread(target=killer)
     t.start()
-    result["art"] = segment.run(cfg, {"shards": shards}, store)
+    result["art"] = execute(segment, cfg, {"shards": shards}, store)
     t.join()
     assert killed, "no segmenter actor was seen alive"
     m = result["art"].manifest
@@ -259,7 +264,12 @@ def test_killed_worker_leaves_no_duplicate_or_missing_keys(ray_local, store, sma
 def _tiny_mask2former(path, names, label=None):
     """A randomly initialised Mask2Former of the COCO-panoptic checkpoints' class, saved like one; with `label`,
     every query predicts that class."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
 
     torch.manual_seed(0)
     backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=64,

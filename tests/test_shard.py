@@ -15,6 +15,7 @@ from PIL import Image
 from muse.datasets.demo import panoptic_ids, write_folder
 from muse.datasets.shards import read_samples, shard_files
 from muse.datasets.sources import SourceError
+from muse.stage import execute
 from muse.stages import shard
 
 
@@ -76,7 +77,7 @@ def _bad_folder(root):
 def test_folder_source_with_bad_files(tmp_path, store, small_config):
     files = _bad_folder(tmp_path / "src")
     cfg = small_config(f"shard.source={tmp_path / 'src'}", "shard.val_fraction=0.0")
-    art = shard.run(cfg, {}, store)
+    art = execute(shard, cfg, {}, store)
     m = art.manifest.metrics
     expected = {r: sum(1 for e in files.values() if e == r) for r in shard.REJECT_REASONS}
     assert {r: m[f"rejected_{r}"] for r in shard.REJECT_REASONS} == expected
@@ -104,7 +105,7 @@ def test_too_large_is_rejected(tmp_path, store, small_config):
     (src / "big.txt").write_text("big")
     (src / "ok.png").write_bytes(_png_bytes(_img((5, 6, 5), (40, 40))))
     (src / "ok.txt").write_text("ok")
-    art = shard.run(small_config(f"shard.source={src}", "shard.max_pixels=10000"), {}, store)
+    art = execute(shard, small_config(f"shard.source={src}", "shard.max_pixels=10000"), {}, store)
     assert art.manifest.metrics["rejected_too_large"] == 1 and art.manifest.metrics["written"] == 1
 
 
@@ -114,7 +115,7 @@ def test_zero_valid_samples_is_an_error_that_says_why(tmp_path, store, small_con
     (src / "a.jpg").write_bytes(b"junk")
     (src / "a.txt").write_text("cap")
     with pytest.raises(SourceError, match="yielded no valid samples: read 1; rejected: corrupt 1"):
-        shard.run(small_config(f"shard.source={src}"), {}, store)
+        execute(shard, small_config(f"shard.source={src}"), {}, store)
     assert store.list("shards") == []
     with pytest.raises(SourceError, match="no such file or folder"):
         shard.config_of(small_config(f"shard.source={tmp_path / 'missing'}"))
@@ -122,7 +123,7 @@ def test_zero_valid_samples_is_an_error_that_says_why(tmp_path, store, small_con
 
 def test_demo_folder_round_trip_keeps_panoptic_masks(tmp_path, store, small_config):
     src = write_folder(tmp_path / "demo", num_samples=6, image_size=48, seed=3)
-    art = shard.run(small_config(f"shard.source={src}", "shard.val_fraction=0"), {}, store)
+    art = execute(shard, small_config(f"shard.source={src}", "shard.val_fraction=0"), {}, store)
     samples = list(read_samples(art.path, "train"))
     assert len(samples) == 6
     for s in samples:
@@ -153,7 +154,7 @@ def test_metadata_sources(tmp_path, store, small_config, fmt):
             w.writerows(rows)
     else:
         pq.write_table(pa.Table.from_pylist(rows), path)
-    art = shard.run(small_config(f"shard.source={path if fmt == 'csv' else src}", "shard.val_fraction=0"), {}, store)
+    art = execute(shard, small_config(f"shard.source={path if fmt == 'csv' else src}", "shard.val_fraction=0"), {}, store)
     assert art.manifest.details["source_kind"] == "metadata"
     assert art.manifest.metrics["rejected_missing_image"] == 1
     got = _read_all(art)
@@ -165,12 +166,12 @@ def test_metadata_with_wrong_column_names_the_file_and_column(tmp_path, store, s
     path.write_text(json.dumps({"picture": "a.png", "text": "x"}) + "\n")
     with pytest.raises(SourceError, match=r"metadata.jsonl:1: no image column: none of file_name, image.*"
                                           r"\(has: picture, text\); set shard.image_column"):
-        shard.run(small_config(f"shard.source={path}"), {}, store)
+        execute(shard, small_config(f"shard.source={path}"), {}, store)
     with pytest.raises(SourceError, match=r"metadata.jsonl:1: no column 'file_name'"):
-        shard.run(small_config(f"shard.source={path}", "shard.image_column=file_name"), {}, store)
+        execute(shard, small_config(f"shard.source={path}", "shard.image_column=file_name"), {}, store)
     cfg = small_config(f"shard.source={path}", "shard.image_column=picture")
     (tmp_path / "a.png").write_bytes(_png_bytes(_img((1, 100, 1))))
-    assert shard.run(cfg, {}, store).manifest.metrics["written"] == 1
+    assert execute(shard, cfg, {}, store).manifest.metrics["written"] == 1
 
 
 def test_webdataset_source_img2dataset_layout_and_brace_pattern(tmp_path, store, small_config):
@@ -191,7 +192,7 @@ def test_webdataset_source_img2dataset_layout_and_brace_pattern(tmp_path, store,
     good = (src / "00000.tar").read_bytes()
     (src / "00002.tar").write_bytes(good[: len(good) // 2 + 100])
     cfg = small_config(f"shard.source={src}/{{00000..00002}}.tar", "shard.val_fraction=0", "shard.dedupe=false")
-    art = shard.run(cfg, {}, store)
+    art = execute(shard, cfg, {}, store)
     got = _read_all(art)
     good = {f"{t:05d}.tar:{t:05d}{j:04d}" for t in range(2) for j in range(3)}
     assert good <= set(got) and len(good) == n
@@ -208,7 +209,7 @@ def test_demo_source_output_is_identical_for_1_and_2_workers(tmp_path, small_con
     digests = []
     for workers in (1, 2):
         st = ArtifactStore(tmp_path / f"store{workers}")
-        art = shard.run(small_config(f"shard.workers={workers}"), {}, st)
+        art = execute(shard, small_config(f"shard.workers={workers}"), {}, st)
         digests.append({f.path: f.sha256 for f in art.manifest.files})
         assert art.manifest.metrics["written"] == 24
     assert digests[0] == digests[1]
@@ -221,8 +222,8 @@ def test_dedupe_can_be_turned_off(tmp_path, store, small_config):
     for name in ("a", "b"):
         (src / f"{name}.png").write_bytes(_png_bytes(_img((7, 70, 140))))
         (src / f"{name}.txt").write_text(name)
-    assert shard.run(small_config(f"shard.source={src}"), {}, store).manifest.metrics["rejected_duplicate"] == 1
-    assert shard.run(small_config(f"shard.source={src}", "shard.dedupe=false"), {}, store).manifest.metrics["written"] == 2
+    assert execute(shard, small_config(f"shard.source={src}"), {}, store).manifest.metrics["rejected_duplicate"] == 1
+    assert execute(shard, small_config(f"shard.source={src}", "shard.dedupe=false"), {}, store).manifest.metrics["written"] == 2
 
 
 def test_split_is_stable_and_near_the_fraction():
@@ -256,7 +257,7 @@ def test_exif_orientation_is_applied(tmp_path, store, small_config):
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     img.save(src / "rot.jpg", exif=exif, quality=95)
     (src / "rot.txt").write_text("rotated")
-    art = shard.run(small_config(f"shard.source={src}", "shard.val_fraction=0"), {}, store)
+    art = execute(shard, small_config(f"shard.source={src}", "shard.val_fraction=0"), {}, store)
     _, out, meta = _read_all(art)["rot.jpg"]
     pixels = np.asarray(out).astype(int)
     # Displayed upright, the red half is on top and the blue half at the bottom.

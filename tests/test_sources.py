@@ -13,6 +13,7 @@ from PIL import Image
 
 from muse.datasets.shards import read_samples
 from muse.datasets.sources import SourceError, detect_kind
+from muse.stage import execute
 from muse.stages import shard
 
 
@@ -39,7 +40,7 @@ def test_img2dataset_parquet_output_keeps_its_keys_for_a_join_back(tmp_path, sto
         pq.write_table(pa.Table.from_pylist(rows), src / f"{shard_no:05d}.parquet")
         (src / f"{shard_no:05d}_stats.json").write_text("{}")
     assert detect_kind(str(src)) == "metadata"
-    art = shard.run(small_config(f"shard.source={src}", "shard.val_fraction=0.3"), {}, store)
+    art = execute(shard, small_config(f"shard.source={src}", "shard.val_fraction=0.3"), {}, store)
     got = _samples(art)
     producer = pa.concat_tables([pq.read_table(p) for p in sorted(src.glob("*.parquet"))]).to_pylist()
     joined = {r["key"]: r for r in producer if r["key"] in got}
@@ -54,7 +55,7 @@ def test_hugging_face_parquet_with_image_structs(tmp_path, store, small_config):
     rows = [{"image": {"bytes": _jpg((200, 10 * i, 10)), "path": f"img{i}.jpg"}, "text": f"red {i}"} for i in range(4)]
     path = tmp_path / "train-00000-of-00001.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
-    art = shard.run(small_config(f"shard.source={path}", "shard.val_fraction=0"), {}, store)
+    art = execute(shard, small_config(f"shard.source={path}", "shard.val_fraction=0"), {}, store)
     got = _samples(art)
     assert sorted(s["caption"] for s in got.values()) == [f"red {i}" for i in range(4)]
     assert sorted(got) == [f"{i:09d}" for i in range(4)]  # no producer key: the read index
@@ -71,7 +72,7 @@ def test_image_folder_with_split_folders_reads_every_split(tmp_path, store, smal
             lines.append(json.dumps({"file_name": f"{i}.jpg", "text": f"{split} {i}"}))
         (root / split / "metadata.jsonl").write_text("\n".join(lines))
     assert detect_kind(str(root)) == "metadata"
-    art = shard.run(small_config(f"shard.source={root}", "shard.val_fraction=0"), {}, store)
+    art = execute(shard, small_config(f"shard.source={root}", "shard.val_fraction=0"), {}, store)
     got = _samples(art)
     assert {k: s["caption"] for k, s in got.items()} == {
         **{f"train_{i}": f"train {i}" for i in range(3)}, **{f"test_{i}": f"test {i}" for i in range(2)}}
@@ -92,7 +93,7 @@ def test_gzipped_tars_and_fsspec_urls(tmp_path, store, small_config):
     import fsspec
 
     _tar(tmp_path / "00000.tar.gz", ["000000010", "000000011"], gz=True)
-    art = shard.run(small_config(f"shard.source={tmp_path / '00000.tar.gz'}", "shard.val_fraction=0"), {}, store)
+    art = execute(shard, small_config(f"shard.source={tmp_path / '00000.tar.gz'}", "shard.val_fraction=0"), {}, store)
     assert sorted(_samples(art)) == ["000000010", "000000011"]
 
     fs = fsspec.filesystem("memory")
@@ -101,7 +102,7 @@ def test_gzipped_tars_and_fsspec_urls(tmp_path, store, small_config):
     for source in ("memory://bucket/data/{00000..00001}.tar", "memory://bucket/data/"):
         cfg = small_config(f"shard.source={source}", "shard.val_fraction=0", "shard.dedupe=false")
         assert shard.source_kind(cfg) == "webdataset"
-        art = shard.run(cfg, {}, store)
+        art = execute(shard, cfg, {}, store)
         assert sorted(_samples(art)) == ["000000000", "000000001", "000010000", "000010001"]
     before = shard.config_of(small_config("shard.source=memory://bucket/data/"))
     fs.pipe("/bucket/data/00001.tar", _tar(tmp_path / "changed.tar", ["000010000"]))
@@ -121,7 +122,7 @@ def test_reads_stay_inside_the_source_folder(tmp_path, store, small_config):
     (src / "ok.txt").write_text("a red photo")
     (src / "leak.jpg").write_bytes(_jpg((0, 200, 0)))
     os.symlink(outside, src / "leak.txt")  # a caption that is a link out of the folder
-    art = shard.run(small_config(f"shard.source={src}", "shard.val_fraction=0"), {}, store)
+    art = execute(shard, small_config(f"shard.source={src}", "shard.val_fraction=0"), {}, store)
     assert [s["caption"] for s in _samples(art).values()] == ["a red photo"]
     assert art.manifest.metrics["rejected_outside_source"] == 1
 
@@ -131,7 +132,7 @@ def test_reads_stay_inside_the_source_folder(tmp_path, store, small_config):
     rows = [{"file_name": "in.jpg", "text": "inside"}, {"file_name": "../outside.jpg", "text": "escape"},
             {"file_name": str(tmp_path / "outside.jpg"), "text": "absolute"}]
     (meta / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    art = shard.run(small_config(f"shard.source={meta}", "shard.val_fraction=0"), {}, store)
+    art = execute(shard, small_config(f"shard.source={meta}", "shard.val_fraction=0"), {}, store)
     assert [s["caption"] for s in _samples(art).values()] == ["inside"]
     assert art.manifest.metrics["rejected_outside_source"] == 2
 
@@ -141,11 +142,11 @@ def test_bad_metadata_rows_name_the_file_and_line(tmp_path, store, small_config)
     path.write_text(json.dumps({"file_name": "a.jpg", "text": "x"}) + "\n[1, 2]\n")
     (tmp_path / "a.jpg").write_bytes(_jpg((5, 5, 5)))
     with pytest.raises(SourceError, match=r"metadata.jsonl:2: a row must be an object with named columns, got list"):
-        shard.run(small_config(f"shard.source={path}"), {}, store)
+        execute(shard, small_config(f"shard.source={path}"), {}, store)
     csv_path = tmp_path / "latin.csv"
     csv_path.write_bytes("file_name,text\na.jpg,caf\xe9\n".encode("latin-1"))
     with pytest.raises(SourceError, match=r"latin.csv: not UTF-8"):
-        shard.run(small_config(f"shard.source={csv_path}"), {}, store)
+        execute(shard, small_config(f"shard.source={csv_path}"), {}, store)
 
 
 def test_duplicate_producer_keys_are_counted_not_merged(tmp_path, store, small_config):
@@ -153,7 +154,7 @@ def test_duplicate_producer_keys_are_counted_not_merged(tmp_path, store, small_c
     src.mkdir()
     _tar(src / "a.tar", ["000000001", "000000002"])
     _tar(src / "b.tar", ["000000002", "000000003"])  # a second download reusing a key
-    art = shard.run(small_config(f"shard.source={src}", "shard.val_fraction=0", "shard.dedupe=false"), {}, store)
+    art = execute(shard, small_config(f"shard.source={src}", "shard.val_fraction=0", "shard.dedupe=false"), {}, store)
     assert sorted(_samples(art)) == ["000000001", "000000002", "000000003"]
     assert art.manifest.metrics["rejected_duplicate_key"] == 1
 
@@ -172,7 +173,7 @@ def test_odd_inputs_are_converted_or_counted(tmp_path, store, small_config):
     (src / "long.txt").write_text("red " * 5000)
     (src / "latin.jpg").write_bytes(_jpg((0, 200, 0)))
     (src / "latin.txt").write_bytes("un caf\xe9 vert".encode("latin-1"))
-    art = shard.run(small_config(f"shard.source={src}", "shard.val_fraction=0", "shard.max_caption_chars=100"),
+    art = execute(shard, small_config(f"shard.source={src}", "shard.val_fraction=0", "shard.max_caption_chars=100"),
                     {}, store)
     got = _samples(art)
     assert sorted(got) == ["deep", "latin", "long", "my_photo"]
@@ -190,7 +191,7 @@ def test_samples_lost_in_a_truncated_tar_are_counted_when_the_producer_said_how_
     (src / "00000.tar").write_bytes(data[: len(data) // 3])  # the download broke off
     (src / "00000_stats.json").write_text(json.dumps({"successes": 6, "count": 6}))
     _tar(src / "00001.tar", ["000000100"])
-    art = shard.run(small_config(f"shard.source={src}", "shard.val_fraction=0", "shard.dedupe=false"), {}, store)
+    art = execute(shard, small_config(f"shard.source={src}", "shard.val_fraction=0", "shard.dedupe=false"), {}, store)
     m = art.manifest.metrics
     assert m["written"] + m["rejected_truncated"] == 7 and m["rejected_truncated"] >= 4
 
@@ -200,6 +201,6 @@ def test_a_caption_that_is_not_text_is_rejected_not_stored_as_its_repr(tmp_path,
     (tmp_path / "b.jpg").write_bytes(_jpg((50, 5, 5)))
     rows = [{"file_name": "a.jpg", "text": ["a", "list"]}, {"file_name": "b.jpg", "text": "fine"}]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    art = shard.run(small_config(f"shard.source={tmp_path / 'metadata.jsonl'}", "shard.val_fraction=0"), {}, store)
+    art = execute(shard, small_config(f"shard.source={tmp_path / 'metadata.jsonl'}", "shard.val_fraction=0"), {}, store)
     assert [s["caption"] for s in _samples(art).values()] == ["fine"]
     assert art.manifest.metrics["rejected_no_caption"] == 1

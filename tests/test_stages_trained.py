@@ -12,8 +12,10 @@ from PIL import Image
 from muse import generate, sampling
 from muse.cli import main
 from muse.generate import TextToImage
+from muse.labelled_grid import LINE_HEIGHT, MIN_CELL
 from muse.models.transformer import load_transformer
 from muse.models.vqgan import from_pretrained, load_decoder
+from muse.stage import execute
 from muse.stages.finetune_decoder import tokenizer_digest
 
 
@@ -28,10 +30,11 @@ def test_transformer_artifacts(trained_store):
         model, config = load_transformer(arts[kind].path)
         assert config["target"] == target and model.spec.side == 4
         assert (arts[kind].path / "tensorboard").is_dir()
-        # a sample grid at the final checkpoint: 2 rows (samples, reconstructions) of up to 8 images
+        # a sample grid at the final checkpoint: 2 rows (samples, reconstructions) of up to 8 images, each 32 px
+        # scaled to 96, with a label column and a caption band
         grid = np.asarray(Image.open(arts[kind].path / "previews" / "samples-step-0000004.png"))
-        side = 32  # both tokenizers are 32 px in the small config
-        assert grid.shape[0] == 2 * side and grid.shape[1] % side == 0 and grid.std() > 0
+        assert grid.shape[0] == 2 * MIN_CELL + 3 * LINE_HEIGHT + 6 and grid.std() > 0
+        assert (grid[2 * MIN_CELL:] < 100).any() and (grid[:, :40] < 100).any()  # caption text, row names
     assert load_transformer(arts["superres"].path)[0].spec.cond_codebook_size > 0
 
 
@@ -165,11 +168,11 @@ def test_new_decoder_beats_the_old_one_on_val_after_a_short_run(pipeline_store, 
         "finetune_decoder": cfg.finetune_decoder.model_copy(update={
             "train": cfg.finetune_decoder.train.model_copy(update={"steps": 60, "batch_size": 4, "lr": 3e-4})})})
     upstream = ArtifactStore(tmp_path / "upstream")
-    shards = shard.run(cfg, {}, upstream)
-    segments = segment.run(cfg, {"shards": shards}, upstream)
-    tokenizers = {a.kind: a for a in train_vqgan.run(cfg, {"shards": shards, "segments": segments}, upstream)}
+    shards = execute(shard, cfg, {}, upstream)
+    segments = execute(segment, cfg, {"shards": shards}, upstream)
+    tokenizers = {a.kind: a for a in execute(train_vqgan, cfg, {"shards": shards, "segments": segments}, upstream)}
     store = ArtifactStore(tmp_path / "store")
-    out = finetune_decoder.run(cfg, {"shards": shards, "vqgan-high": tokenizers["vqgan-high"]}, store)
+    out = execute(finetune_decoder, cfg, {"shards": shards, "vqgan-high": tokenizers["vqgan-high"]}, store)
     m = out.manifest.metrics
     assert m["new_psnr"] > m["old_psnr"] + 0.2, m  # deterministic on CPU: 16.65 -> 17.09 dB here
     assert store.kinds() == ["decoder"]  # nothing else was written  # nothing else was written
@@ -185,7 +188,7 @@ def test_the_text_encoder_that_made_the_tokens_is_the_one_recorded(pipeline_stor
     other = cfg.tokenize.text_encoder.model_copy(update={"kind": "clip", "random_weights": True})
     cfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"text_encoder": other})})
     store = ArtifactStore(tmp_path / "store")
-    base = train_base.run(cfg, {"tokens": arts["tokens"]}, store)
+    base = execute(train_base, cfg, {"tokens": arts["tokens"]}, store)
     _, config = load_transformer(base.path)
     assert config["text_encoder"] == json.loads((arts["tokens"].path / "_schema.json").read_text())["text"]["encoder"]
     assert config["text_encoder"]["kind"] == "minilm"
@@ -221,8 +224,8 @@ def test_generation_defaults_to_the_sampler_settings_the_models_were_trained_wit
         store.root.joinpath(kind).mkdir(parents=True)
         shutil.copytree(arts[kind].path, store.root / kind / arts[kind].version)
         (store.root / kind / "latest").write_text(arts[kind].version)
-    train_base.run(cfg, {"tokens": arts["tokens"]}, store)
-    train_superres.run(cfg, {"tokens": arts["tokens"]}, store)
+    execute(train_base, cfg, {"tokens": arts["tokens"]}, store)
+    execute(train_superres, cfg, {"tokens": arts["tokens"]}, store)
     pipe = TextToImage.from_store(store)
     assert pipe.sampling == cfg.sampling
     default = pipe.generate_tokens(["a red circle on the left"], seed=3)
@@ -235,3 +238,38 @@ def test_generation_defaults_to_the_sampler_settings_the_models_were_trained_wit
                  "--out", str(tmp_path / "other")]) == 0
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "other" / "0000.png")),
                               np.asarray(Image.open(out / "0000.png")))
+
+
+def test_a_longer_run_continues_the_shorter_one_when_the_schedule_allows(pipeline_store, tmp_path, caplog):
+    """train-base for 8 steps after a committed 4-step run of the same config resumes at step 4 (constant schedule)
+    and ends with exactly the weights of 8 steps from scratch; under a cosine schedule it trains from step 0."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from muse.artifacts.store import ArtifactStore
+    from muse.stages import train_base
+
+    cfg, _, arts = pipeline_store
+
+    def trained(store, steps, schedule):
+        train = cfg.train_base.train.model_copy(update={"steps": steps, "schedule": schedule, "warmup_steps": 2})
+        c = cfg.model_copy(update={"train_base": cfg.train_base.model_copy(update={"train": train})})
+        art = execute(train_base, c, {"tokens": arts["tokens"]}, store)
+        return art, load_file(str(next(art.path.glob("*.safetensors"))))
+
+    for schedule in ("constant", "cosine"):
+        shared, fresh = ArtifactStore(tmp_path / f"{schedule}-shared"), ArtifactStore(tmp_path / f"{schedule}-fresh")
+        short, _ = trained(shared, 4, schedule)
+        with caplog.at_level(logging.INFO):
+            caplog.clear()
+            longer, weights = trained(shared, 8, schedule)
+        scratch, expected = trained(fresh, 8, schedule)
+        assert longer.version == scratch.version and longer.manifest.metrics["steps"] == 8
+        assert all(torch.equal(weights[k], expected[k]) for k in expected)  # continuing changed nothing
+        resumed = "resumed from" in caplog.text
+        if schedule == "constant":
+            assert resumed and longer.manifest.details["continued_from"] == f"base:{short.version} at step 4"
+        else:
+            assert not resumed and "continued_from" not in longer.manifest.details
+            assert "training from step 0" in caplog.text

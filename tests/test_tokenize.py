@@ -15,6 +15,7 @@ from muse.datasets.shards import shard_files
 from muse.datasets.stream import iter_tar
 from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.models.vqgan import from_pretrained
+from muse.stage import execute
 from muse.stages import tokenize
 
 
@@ -77,7 +78,7 @@ def test_row_groups_span_shards_to_reach_row_group_size(pipeline_store, store):
     counts = [json.loads(p.with_suffix(".stats.json").read_text())["count"] for p in shards]
     size = counts[0] + 1  # more rows than the first shard holds
     cfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"row_group_size": size})})
-    out = tokenize.run(cfg, {k: arts[k] for k in tokenize.INPUTS}, store)
+    out = execute(tokenize, cfg, {k: arts[k] for k in tokenize.INPUTS}, store)
     meta = pq.ParquetFile(out.path / "train-00000.parquet").metadata
     assert meta.row_group(0).num_rows == size
     assert [r["key"] for r in TokenTable(out.path, "train", ["key"])] == \
@@ -107,7 +108,7 @@ def test_tokens_decode_like_the_encoders_codes(pipeline_store):
 def test_without_precomputed_text_the_embedding_columns_are_absent(pipeline_store, store, small_config):
     cfg, _, arts = pipeline_store
     cfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"precompute_text": False})})
-    out = tokenize.run(cfg, {k: arts[k] for k in tokenize.INPUTS}, store)
+    out = execute(tokenize, cfg, {k: arts[k] for k in tokenize.INPUTS}, store)
     names = pq.read_schema(next(out.path.rglob("*.parquet"))).names
     assert "text_emb" not in names and "text_len" not in names and "tokens_high" in names
     assert out.version != arts["tokens"].version
@@ -174,6 +175,6 @@ def test_geometry_names_the_fsq_levels_a_super_res_embeds(tmp_path):
         save_pretrained(VQModel(cfg), tmp_path / kind, 3, 3)
         inputs[kind] = SimpleNamespace(path=tmp_path / kind, version="v")
     geometry = tokenize._geometry(inputs, scene=True)
-    assert geometry["tokens_low"] == {"side": 8, "codebook_size": 120, "resolution": 32, "tokenizer": "vqgan-low:v",
-                                      "fsq_levels": [8, 5, 3]}
-    assert geometry["tokens_high"]["fsq_levels"] == [] and geometry["seg_tokens"]["fsq_levels"] == []
+    assert geometry["tokens_low"].model_dump() == {"side": 8, "codebook_size": 120, "resolution": 32,
+                                                   "tokenizer": "vqgan-low:v", "fsq_levels": [8, 5, 3]}
+    assert geometry["tokens_high"].fsq_levels == [] and geometry["seg_tokens"].fsq_levels == []

@@ -7,7 +7,14 @@ import torch
 from muse.config import VQLossConfig, VQModelConfig, load_config
 from muse.datasets.demo import make_sample
 from muse.models.image_loss import psnr
-from muse.models.vqgan import VQModel, adaptive_weight, from_pretrained, hinge_d_loss, save_pretrained
+from muse.models.vqgan import (
+    VQModel,
+    adaptive_weight,
+    from_pretrained,
+    hinge_d_loss,
+    save_pretrained,
+)
+from muse.stage import execute
 from muse.stages import segment, shard, train_vqgan
 from muse.training import TrainLoop, seed_everything
 
@@ -128,9 +135,9 @@ def test_stage_trains_all_three_tokenizers(ray_local, store, small_config):
         "train_vqgan.train.steps=6", "train_vqgan.train.log_every=3",
         "train_vqgan.train.checkpoint_every=3", "train_vqgan.loss.disc_weight=0.1", "train_vqgan.loss.disc_start=3",
     )
-    shards = shard.run(cfg, {}, store)
-    segments = segment.run(cfg, {"shards": shards}, store)
-    arts = {a.kind: a for a in train_vqgan.run(cfg, {"shards": shards, "segments": segments}, store)}
+    shards = execute(shard, cfg, {}, store)
+    segments = execute(segment, cfg, {"shards": shards}, store)
+    arts = {a.kind: a for a in execute(train_vqgan, cfg, {"shards": shards, "segments": segments}, store)}
     assert set(arts) == {"vqgan-low", "vqgan-high", "vqseg"}
     assert len({a.version for a in arts.values()}) == 3  # each tokenizer versioned on what it reads
     assert arts["vqgan-low"].manifest.inputs == {"shards": shards.version}
@@ -145,7 +152,7 @@ def test_stage_trains_all_three_tokenizers(ray_local, store, small_config):
     assert "psnr" in arts["vqgan-low"].manifest.metrics and "pixel_accuracy" in arts["vqseg"].manifest.metrics
     assert "train_d_weight" in arts["vqgan-high"].manifest.metrics  # the GAN switched on at disc_start
     # A rerun finds every tokenizer committed and trains nothing.
-    again = train_vqgan.run(cfg, {"shards": shards, "segments": segments}, store)
+    again = execute(train_vqgan, cfg, {"shards": shards, "segments": segments}, store)
     assert {a.manifest.seq for a in again} == {1}
 
 

@@ -16,6 +16,7 @@ requesting weights that cannot be found offline is an error that says where to p
 from __future__ import annotations
 
 import os
+import sys
 from typing import Protocol
 
 import torch
@@ -141,6 +142,10 @@ def load_text_encoder(cfg: TextEncoderConfig, device: torch.device | str = "cpu"
     from muse.training import seeded
 
     builders = {"minilm": _minilm, "t5": _t5, "clip": _clip}
+    if not sys.stderr.isatty():  # transformers' weight-loading bar leaves carriage returns in log files
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if not cfg.random_weights:
         return builders[cfg.kind](cfg, device)
     with seeded(cfg.random_seed):

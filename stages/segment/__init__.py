@@ -27,22 +27,31 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
+from muse.artifacts.store import PREVIEW_DIR, Artifact
 from muse.config import ConfigError, PipelineConfig, SegmentConfig
 from muse.datasets.labels import LabelSpace, build_label_space, palette
 from muse.datasets.segments import SceneMaps, details
 from muse.datasets.shards import SPLITS, read_samples, shard_files
 from muse.datasets.tars import has_ending, tar_keys
 from muse.ray_runtime import gpus_per_actor, init_ray
+from muse.stage import StageContext
 
 from .merge import SegmentMaps, merge
-from .segmenters import ROLES, SceneInput, available_models, build_segmenter, check, plan
+from .segmenters import (
+    ROLES,
+    SceneInput,
+    available_models,
+    build_segmenter,
+    check,
+    plan,
+)
 
 NAME = "segment"
 INPUTS: tuple[str, ...] = ("shards",)
 OUTPUTS: tuple[str, ...] = ("segments",)
 CODE_VERSION = "2"
 MAX_LISTED_FAILURES = 50
+PROGRESS_SECONDS = 10.0  # between progress lines while Ray segments a split
 
 log = logging.getLogger("muse.stages.segment")
 
@@ -233,22 +242,22 @@ def _preview(shards: Artifact, maps: dict[str, tuple[bytes, bytes]], space: Labe
         Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
 
 
-def _record_no_scene_maps(config: PipelineConfig, shards: Artifact, store: ArtifactStore, p: SceneMaps,
-                          space: LabelSpace) -> Artifact:
+def _record_no_scene_maps(ctx: StageContext, p: SceneMaps, space: LabelSpace) -> Artifact:
     """The `segments` artifact of a run without scene maps: no tars, the reason in the manifest."""
+    shards = ctx.inputs["shards"]
     samples = sum(len(tar_keys(path)) for split in SPLITS for path in shard_files(shards.path, split))
-    with store.create("segments", stage=NAME, config=config_of(config), inputs={"shards": shards.version},
-                      code_version=CODE_VERSION) as out:
+    with ctx.commit("segments") as out:
         out.metrics = {"samples": samples, "segmented": 0, "failed": 0, "scene_maps": 0}
         out.details = {**details(p), "label_space": space.to_json()}
     log.warning("segment: no scene maps, so the scene tokenizer and seg_tokens are skipped")
     return out.artifact
 
 
-def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStore) -> Artifact:
+def run(ctx: StageContext) -> Artifact:
     """Segment every sample of the `shards` artifact into the `segments` artifact."""
+    config = ctx.config
     c = config.segment
-    shards = inputs["shards"]
+    shards = ctx.inputs["shards"]
     space = build_label_space(c.dataset_classes)
     check(c)
     tars = [path for split in SPLITS for path in shard_files(shards.path, split)]
@@ -258,14 +267,13 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
         wanted = _scene_conditioned(config)
         if wanted:
             raise ConfigError(f"{wanted[0]} needs scene maps, but this run has none ({p.plan})")
-        return _record_no_scene_maps(config, shards, store, p, space)
+        return _record_no_scene_maps(ctx, p, space)
     init_ray(config.ray)
     start = time.perf_counter()
     class_pixels = np.zeros(space.size, np.int64)
     failures: list[dict] = []
     counts = defaultdict(int)
-    with store.create("segments", stage=NAME, config=config_of(config), inputs={"shards": shards.version},
-                      code_version=CODE_VERSION) as out:
+    with ctx.commit("segments") as out:
         preview: dict[str, tuple[bytes, bytes]] = {}
         for split in SPLITS:
             paths = shard_files(shards.path, split)
@@ -276,8 +284,15 @@ def run(config: PipelineConfig, inputs: dict[str, Artifact], store: ArtifactStor
             writers = {name: wds.TarWriter(str(out.path / split / name), mtime=0.0) for name in expected}
             written: dict[str, set[str]] = {name: set() for name in expected}
             failed: dict[str, set[str]] = {name: set() for name in expected}
+            todo, done, split_start, logged = sum(len(k) for k in expected.values()), 0, time.perf_counter(), 0.0
             try:
                 for row in _segment_split(config, p.segmenters, paths):
+                    done += 1
+                    if (now := time.perf_counter()) - logged >= PROGRESS_SECONDS or done == todo:
+                        rate = done / max(now - split_start, 1e-9)
+                        log.info("segment: %s %d/%d samples, %.1f img/s, ETA %.0fs", split, done, todo, rate,
+                                 (todo - done) / rate)
+                        logged = now
                     shard, key = row["path"], row["key"]
                     if key in written[shard] or key in failed[shard]:
                         counts["duplicates_dropped"] += 1  # a retried task delivered it again
