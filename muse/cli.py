@@ -271,9 +271,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from muse.editing import edit_tokens, outpaint_canvas
     from muse.generate import TextToImage, to_images
 
-    modes = sum([args.mask is not None, args.outpaint is not None, args.no_mask])
+    modes = sum([args.mask is not None, args.outpaint is not None, args.no_mask, args.strength is not None])
     if modes != 1:
-        raise ConfigError("choose one edit: --mask MASK.png (inpaint), --outpaint FRACTION, or --no-mask")
+        raise ConfigError("choose one edit: --mask MASK.png (inpaint), --outpaint FRACTION, --strength S (img2img) "
+                          "or --no-mask")
+    if args.strength is not None and not 0 <= args.strength <= 1:
+        raise ConfigError(f"--strength {args.strength}: must be in [0, 1] (0 keeps the image, 1 generates anew)")
     image = Image.open(args.image)
     mask = Image.open(args.mask) if args.mask else None
     if mask is not None and mask.size != image.size:
@@ -287,7 +290,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     pipe = TextToImage.from_store(_store(args))
     tokens = edit_tokens(pipe, image, args.prompt, mask, negative=args.negative, sampling=_sampling(pipe, args),
                          seed=args.seed, superres=not args.no_superres, mask_free_iterations=args.iterations,
-                         mask_free_fraction=args.edit_fraction)
+                         mask_free_fraction=args.edit_fraction, strength=args.strength)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     to_images(pipe.decode_tokens(tokens))[0].save(out)
@@ -364,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("edit", help="edit an image under a prompt: inpaint a mask, outpaint a margin, or mask-free",
+    p = sub.add_parser("edit", help="edit an image under a prompt: inpaint a mask, outpaint a margin, img2img, "
+                       "or mask-free",
                        description="Resample some of IMAGE's tokens under PROMPT; the rest stay the image's own.")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--prompt", required=True, help="what the edited image shows")
@@ -373,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="outpaint: shrink the image by FRACTION and generate the new margin")
     p.add_argument("--outpaint-side", default="all", choices=["all", "left", "right", "top", "bottom"],
                    help="where the new margin goes (default: all around)")
+    p.add_argument("--strength", type=float, metavar="S",
+                   help="img2img: re-mask a share S in [0, 1] of the schedule's tokens and decode from there "
+                        "(0 returns the image's own tokens, 1 generates anew)")
     p.add_argument("--no-mask", action="store_true",
                    help="mask-free: repeatedly resample the tokens least likely under the prompt")
     p.add_argument("--iterations", type=int, default=6, help="mask-free rounds (default 6)")

@@ -4,6 +4,8 @@ Muse edits an image by resampling some of its tokens under a prompt and keeping 
   - Inpainting: the tokens under a mask become [MASK] and the sampler fills them; every other
     token of the image is kept bit-identical.
   - Outpainting: the image shrinks onto a canvas of its own size and the margin is inpainted.
+  - img2img (diffusers' `AmusedImg2ImgPipeline`): a strength S re-masks random tokens, as many as
+    the schedule has masked `round(S * steps)` steps before its end, and decodes those steps.
   - Mask-free editing: score each of the image's tokens by its likelihood under the new prompt
     (each token predicted with a quarter of the grid masked, as in training), re-mask the least
     likely share, resample it, and repeat; the image changes where it disagrees with the prompt.
@@ -21,6 +23,7 @@ from PIL import Image
 from muse.config import SamplingConfig
 from muse.datasets.labels import boundaries
 from muse.generate import TextToImage
+from muse.masking import masked_after_step
 from muse.models.vqgan import VQModel
 from muse.sampling import guided_logits
 
@@ -108,6 +111,21 @@ def token_log_likelihood(pipe: TextToImage, model, tokens: torch.Tensor, prompt:
     return score
 
 
+def img2img_mask(n: int, strength: float, steps: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """diffusers' `AmusedImg2ImgPipeline` semantics: a `strength` S in [0, 1] starts decoding at step
+    `steps - round(S * steps)` of the schedule. Returns the [1, n] mask of the tokens to resample (random
+    positions, as many as the cosine schedule still has masked there) and the steps left to sample them in."""
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    left = round(strength * steps)
+    start = steps - left
+    count = n if start == 0 else masked_after_step(start - 1, steps, n)
+    order = torch.rand(n, generator=generator, device=generator.device).argsort()
+    mask = torch.zeros(1, n, dtype=torch.bool, device=generator.device)
+    mask[0, order[:count]] = True
+    return mask, left
+
+
 def _low_to_high(changed: torch.Tensor, low_side: int, high_side: int) -> torch.Tensor:
     """[1, low_side^2] bool -> [1, high_side^2] bool: every high-res token under a changed base token."""
     grid = changed.float().reshape(1, 1, low_side, low_side)
@@ -119,10 +137,11 @@ def edit_tokens(pipe: TextToImage, image: Image.Image, prompt: str, mask: Image.
                 negative: str | None = None, seed: int = 0, superres: bool = True, mask_free_iterations: int = 6,
                 mask_free_fraction: float = 0.15, sampling: SamplingConfig | None = None, steps: int | None = None,
                 superres_steps: int | None = None, guidance_scale: float | None = None,
-                superres_guidance_scale: float | None = None,
-                guide_scale: float | None = None) -> dict[str, torch.Tensor]:
-    """Edited token grids of one image: inpaint where `mask` is white, or edit mask-free when `mask` is None,
-    sampled with `pipe.resolve_sampling(sampling, steps, ...)` (mask-free splits the base steps over its rounds).
+                superres_guidance_scale: float | None = None, guide_scale: float | None = None,
+                strength: float | None = None) -> dict[str, torch.Tensor]:
+    """Edited token grids of one image: inpaint where `mask` is white; img2img with `strength` (re-mask that
+    share of the schedule's tokens at random and decode from there: 0 keeps the image's tokens, 1 generates
+    anew); or edit mask-free when neither is given, sampled with `pipe.resolve_sampling(sampling, steps, ...)` (mask-free splits the base steps over its rounds).
     Returns tokens_low (and tokens_high with super-res) plus the original grids as `original_low/high`."""
     sampling = pipe.resolve_sampling(sampling, steps, superres_steps, guidance_scale, superres_guidance_scale,
                                      guide_scale)
@@ -132,10 +151,18 @@ def edit_tokens(pipe: TextToImage, image: Image.Image, prompt: str, mask: Image.
     low_side = pipe.vq_low.cfg.token_side
     original_low = image_tokens(pipe.vq_low, image)
     mask_id = pipe.base.spec.mask_id
+    if mask is not None and strength is not None:
+        raise ValueError("choose a mask (inpainting) or a strength (img2img), not both")
     if mask is not None:
         edit = token_mask(mask, low_side).to(pipe.device)
         low = pipe.sample_tokens(pipe.base, [prompt], neg, sampler, gen, tokens=original_low.masked_fill(edit, mask_id),
                                  guide=guide)
+    elif strength is not None:
+        edit, left = img2img_mask(original_low.shape[1], strength, steps, gen)
+        low = original_low
+        if edit.any():
+            low = pipe.sample_tokens(pipe.base, [prompt], neg, sampler.model_copy(update={"steps": left}), gen,
+                                     tokens=original_low.masked_fill(edit, mask_id), guide=guide)
     else:
         if not 0 < mask_free_fraction < 1:
             raise ValueError(f"mask_free_fraction must be in (0, 1), got {mask_free_fraction}")

@@ -267,8 +267,8 @@ def run(ctx: StageContext) -> Artifact:
                 counts[name] += np.asarray(values, np.int64)
             done += 1
             elapsed = time.perf_counter() - start
-            log.info("tokenize: %d/%d files, %d rows, %.1f samples/s", done, len(items), sum(rows.values()),
-                     sum(rows.values()) / elapsed)
+            log.info("tokenize: %d/%d files, %d rows, %.1f samples/s, ETA %.0fs", done, len(items),
+                     sum(rows.values()), sum(rows.values()) / elapsed, (len(items) - done) * elapsed / done)
         elapsed = time.perf_counter() - start
         total = sum(rows.values())
         sch, recorded = schema(geometry, text), _as_json(geometry, text)

@@ -143,3 +143,36 @@ def test_scene_layout_conditions_a_base_model_trained_with_scene_tokens(trained_
     assert f"{bad}: label map has ids outside" in capsys.readouterr().err
     assert main(["generate", "a red square", "--scene", str(tmp_path / "labels.png"), "--steps", "2",
                  "--out", str(tmp_path / "o"), "--store", str(own.root)]) == 0
+
+
+def test_img2img_strength_zero_keeps_the_image_and_more_strength_changes_more(trained_store, tmp_path, capsys):
+    """diffusers' img2img semantics: strength 0 returns the image's own tokens; strength 1 re-masks every base
+    token; in between, the schedule's share at that step, in random positions, deterministic by seed."""
+    from muse.editing import img2img_mask
+
+    cfg, store, _ = trained_store
+    pipe = TextToImage.from_store(store)
+    image = _demo_image(cfg)
+    kept = edit_tokens(pipe, image, "a blue square at the top", steps=8, superres_steps=2, strength=0.0)
+    assert torch.equal(kept["tokens_low"], kept["original_low"]) and torch.equal(kept["tokens_high"],
+                                                                                 kept["original_high"])
+    n = pipe.base.spec.side ** 2
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    counts = [int(img2img_mask(n, s, 8, gen())[0].sum()) for s in (0.0, 0.25, 0.5, 1.0)]
+    assert counts[0] == 0 and counts[-1] == n and counts == sorted(counts) and 0 < counts[1] < counts[2] < n
+    assert img2img_mask(n, 0.5, 8, gen())[1] == 4  # decoded in the last half of the steps
+    half = edit_tokens(pipe, image, "a blue square at the top", steps=8, superres_steps=2, strength=0.5, seed=2)
+    again = edit_tokens(pipe, image, "a blue square at the top", steps=8, superres_steps=2, strength=0.5, seed=2)
+    assert all(torch.equal(half[k], again[k]) for k in half)
+    changed = int((half["tokens_low"] != half["original_low"]).sum())
+    assert changed <= counts[2] and (half["tokens_low"] != pipe.base.spec.mask_id).all()
+    with pytest.raises(ValueError, match="not both"):
+        edit_tokens(pipe, image, "x", Image.new("L", image.size, 255), strength=0.5)
+
+    src = tmp_path / "in.png"
+    image.save(src)
+    assert main(["edit", str(src), "--prompt", "a red circle", "--strength", "0", "--store", str(store.root),
+                 "--out", str(tmp_path / "same.png")]) == 0
+    assert "base tokens changed: 0/" in capsys.readouterr().err
+    assert main(["edit", str(src), "--prompt", "a red circle", "--strength", "1.5", "--store", str(store.root)]) == 2
+    assert "--strength 1.5: must be in [0, 1]" in capsys.readouterr().err

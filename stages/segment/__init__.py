@@ -284,15 +284,16 @@ def run(ctx: StageContext) -> Artifact:
             writers = {name: wds.TarWriter(str(out.path / split / name), mtime=0.0) for name in expected}
             written: dict[str, set[str]] = {name: set() for name in expected}
             failed: dict[str, set[str]] = {name: set() for name in expected}
-            todo, done, split_start, logged = sum(len(k) for k in expected.values()), 0, time.perf_counter(), 0.0
+            todo, done = sum(len(k) for k in expected.values()), 0
+            logged, logged_done = time.perf_counter(), 0  # rates over the last interval: Ray's start-up is not a rate
             try:
                 for row in _segment_split(config, p.segmenters, paths):
                     done += 1
-                    if (now := time.perf_counter()) - logged >= PROGRESS_SECONDS or done == todo:
-                        rate = done / max(now - split_start, 1e-9)
+                    if (now := time.perf_counter()) - logged >= PROGRESS_SECONDS:
+                        rate = (done - logged_done) / (now - logged)
                         log.info("segment: %s %d/%d samples, %.1f img/s, ETA %.0fs", split, done, todo, rate,
                                  (todo - done) / rate)
-                        logged = now
+                        logged, logged_done = now, done
                     shard, key = row["path"], row["key"]
                     if key in written[shard] or key in failed[shard]:
                         counts["duplicates_dropped"] += 1  # a retried task delivered it again
