@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from .store import PREVIEW_DIR, Artifact, ArtifactStore, MissingArtifact
+from .store import PREVIEW_DIR, Artifact, ArtifactStore
 
 _MAX_PREVIEW_BYTES = 2_000_000  # what one page embeds per image; a larger preview is shown scaled down
 
@@ -56,27 +56,7 @@ def table_rows(artifact: Artifact, store: ArtifactStore) -> list[dict[str, str]]
         {"field": "stage", "value": f"{m.stage} (code {m.code_version})"},
         {"field": "files", "value": f"{len(m.files)} files, {sum(f.size for f in m.files):,} bytes"},
     ]
-    return rows + _made_from(artifact, store)
-
-
-def _made_from(artifact: Artifact, store: ArtifactStore) -> list[dict[str, str]]:
-    """One `lineage` row per upstream artifact, each once (the DAG shares inputs: every stage reads `shards`),
-    nearest first, with the kinds it was made from."""
-    rows, todo, seen = [], sorted(artifact.manifest.inputs.items()), set()
-    while todo:
-        kind, version = todo.pop(0)
-        if (kind, version) in seen:
-            continue
-        seen.add((kind, version))
-        try:
-            m = store.get(kind, version).manifest
-        except MissingArtifact:
-            rows.append({"field": "lineage", "value": f"{kind}:{version} (missing from this store)"})
-            continue
-        made_from = ", ".join(sorted(m.inputs)) or "the source"
-        rows.append({"field": "lineage", "value": f"{m.label} [{m.stage}] from {made_from}"})
-        todo += sorted(m.inputs.items())
-    return rows
+    return rows + [{"field": "lineage", "value": line} for line in store.made_from(artifact)]
 
 
 def markdown_page(artifact: Artifact) -> str:

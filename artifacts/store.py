@@ -227,6 +227,30 @@ class ArtifactStore:
         kind, _, version = ref.partition(":")
         return self.get(kind, version or None)
 
+    def upstream(self, artifact: Artifact) -> list[tuple[str, str, Manifest | None]]:
+        """Every artifact `artifact` was made from, directly or not, once each, nearest first, as
+        (kind, version, manifest); the manifest is None for one missing from this store."""
+        found, todo, seen = [], sorted(artifact.manifest.inputs.items()), set()
+        while todo:
+            kind, version = todo.pop(0)
+            if (kind, version) in seen:
+                continue
+            seen.add((kind, version))
+            try:
+                m = self.get(kind, version).manifest
+            except MissingArtifact:
+                found.append((kind, version, None))
+                continue
+            found.append((kind, version, m))
+            todo += sorted(m.inputs.items())
+        return found
+
+    def made_from(self, artifact: Artifact) -> list[str]:
+        """`upstream` as lines: `base v1 (adf3…) [train-base] from tokens`."""
+        return [f"{kind}:{version} (missing from this store)" if m is None else
+                f"{m.label} [{m.stage}] from {', '.join(sorted(m.inputs)) or 'the source'}"
+                for kind, version, m in self.upstream(artifact)]
+
     def lineage(self, artifact: Artifact, depth: int = 0, seen: set[str] | None = None) -> list[str]:
         """Indented lines: the artifact, then its inputs recursively; an artifact already shown (the DAG shares
         inputs: every stage reads `shards`) is named again without its own inputs."""

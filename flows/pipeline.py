@@ -37,6 +37,7 @@ from .dag import (
     stages_for,
     upstream_stages,
 )
+from .eta import TIMINGS_FILE, eta_seconds, read_timings, record_timing
 from .policy import DeploymentPolicy
 
 
@@ -109,7 +110,9 @@ def _produce(name, stage, ctx: StageContext, versions: dict[str, str], force: bo
                             "under the next vN", name, store.get(kind, versions[kind]).manifest.label)
     logger.info("%s: producing %s from %s", name, ", ".join(f"{k}:{v}" for k, v in versions.items()),
                 ", ".join(f"{k}:{v}" for k, v in ctx.input_versions.items()) or "no inputs")
+    clock = time.perf_counter()
     result = stage.run(ctx)
+    record_timing(store.root / ".work", name, time.perf_counter() - clock)  # the next run's ETA
     outputs = [result] if isinstance(result, Artifact) else list(result)
     kinds = sorted(a.kind for a in outputs)
     if kinds != sorted(stage.OUTPUTS):
@@ -164,19 +167,26 @@ def muse(
         return Failed(message=str(e))
 
     started, clock = datetime.now(timezone.utc), time.perf_counter()
+    estimates = read_timings(open_store(root).root / ".work")
+    if len(names) > 1 and not all(name in estimates for name in names):
+        logger.info("ETA: after a first run of every stage in this store (timings: .work/%s)", TIMINGS_FILE)
     futures = {}
     for name in names:
         upstream = [futures[u] for u in upstream_stages(name) if u in futures]
         futures[name] = run_stage.submit(name, config, root, upstream, dict(inputs or {}), name in force)
     # result() re-raises the first failing stage's own exception, in DAG order.
     produced: dict[str, str] = {}
+    finished: dict[str, float] = {}
     for k, name in enumerate(names, 1):
         try:
             produced.update(futures[name].result())
         except FailedRun as e:  # a stage's Failed state: the user's mistake, in one line
             return Failed(message=str(e))
+        finished[name] = now = time.perf_counter()
         if len(names) > 1:
-            logger.info("[%d/%d] %s finished, %.0f s into the run", k, len(names), name, time.perf_counter() - clock)
+            eta = eta_seconds(names, upstream_stages, finished, estimates, clock, now)
+            logger.info("[%d/%d] %s finished, %.0f s into the run%s", k, len(names), name, now - clock,
+                        "" if eta is None or k == len(names) else f"; ETA {eta:.0f} s")
     logger.info(summary(target, open_store(root), produced, started, time.perf_counter() - clock))
     return produced
 

@@ -6,3 +6,10 @@ versioned store), `muse.datasets` (data formats, demo data), `muse.stages`
 """
 
 __version__ = "0.1.0"
+
+
+def from_pretrained(directory):
+    """The model of a folder written by `muse export` (see `muse.export`)."""
+    from muse.export import load
+
+    return load(directory)

@@ -301,6 +301,16 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from muse.export import export, push_to_hub
+
+    out = export(_store(args), args.ref, args.out)
+    print(out)
+    if args.push_to_hub:
+        print(push_to_hub(out, args.push_to_hub))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from muse.flows.deployments import serve
 
@@ -390,6 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     _store_arg(p)
     p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("export", help="write a trained model as a folder others load without the store: weights, "
+                       "config, model card", description="Write KIND[:VERSION] as safetensors weights, config.json, "
+                       "muse.json and a model card README.md; load it back with muse.from_pretrained(DIR).")
+    p.add_argument("ref", metavar="KIND[:VERSION]", help="base, superres, guide, vqgan-low, vqgan-high, vqseg or "
+                   "decoder, optionally :VERSION or :vN (default: latest)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hugging Face Hub repo "
+                   "(needs huggingface_hub and a token)")
+    _store_arg(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="register and serve deployments muse/full-train and muse/<stage> "
                        "(needs a Prefect API server; see infra/)")

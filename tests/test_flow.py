@@ -1,9 +1,13 @@
 """The `muse` flow on a real (temporary) Prefect server, with the real shard stage."""
 
+import json
+import re
+
 import pytest
 from prefect.exceptions import FailedRun
 
 from muse.artifacts.store import ArtifactStore
+from muse.flows.dag import STAGES
 from muse.flows.pipeline import muse
 from tests.conftest import SMALL
 
@@ -49,6 +53,9 @@ def test_single_stage_with_missing_input_names_the_stage_to_run_first(prefect_ap
 def test_full_train_runs_every_stage_and_finetune_decoder_reruns_alone(prefect_api, ray_local, store, caplog):
     produced = _run(store, "full-train")
     assert "[1/9] shard finished" in caplog.text and "[9/9] evaluate finished" in caplog.text
+    assert "ETA: after a first run of every stage" in caplog.text and "; ETA" not in caplog.text  # nothing timed yet
+    timings = json.loads((store.root / ".work" / "stage-seconds.json").read_text())
+    assert sorted(timings) == sorted(STAGES) and all(t >= 0 for t in timings.values())
     kinds = ["base", "decoder", "guide", "report", "segments", "shards", "superres", "tokens", "vqgan-high",
              "vqgan-low", "vqseg"]
     assert store.kinds() == kinds and sorted(produced) == kinds
@@ -69,6 +76,7 @@ def test_full_train_runs_every_stage_and_finetune_decoder_reruns_alone(prefect_a
     caplog.clear()
     _run(store, "full-train", overrides=[*SMALL, "train_guide.enabled=false"])
     assert "[8/8] evaluate finished" in caplog.text and "train-guide" not in caplog.text
+    assert re.search(r"\[1/8\] shard finished, \d+ s into the run; ETA \d+ s", caplog.text)  # timed last run
     report = store.get("report")
     assert "guide" not in report.manifest.inputs and "guide" not in report.manifest.details["lineage"]
     assert report.version != after["report"][0] and store.get("guide").version == after["guide"][0]
@@ -134,3 +142,27 @@ def test_an_up_to_date_rerun_only_reads_so_a_read_only_store_works(prefect_api, 
         assert _run(store, "shard") == first
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+def test_the_run_eta_follows_the_dag_and_the_last_timings(tmp_path):
+    from muse.flows.dag import upstream_stages
+    from muse.flows.eta import eta_seconds, read_timings, record_timing
+
+    names = ["shard", "segment", "train-vqgan", "tokenize", "train-base", "train-superres", "evaluate"]
+    estimates = {"shard": 5, "segment": 10, "train-vqgan": 100, "tokenize": 20, "train-base": 60,
+                 "train-superres": 90, "evaluate": 30}
+    # shard ended at 5 and segment at 15: vqgan ends at 115, tokenize at 135, base and super-res side by side
+    # (super-res, the longer, at 225), evaluate after both at 255.
+    eta = eta_seconds(names, upstream_stages, {"shard": 5, "segment": 15}, estimates, started=0, now=15)
+    assert eta == 255 - 15
+    # evaluate started when the last upstream stage ended (90); one past its estimate ends now, not in the past
+    assert eta_seconds(names, upstream_stages, {n: 90 for n in names[:-1]}, estimates, started=0, now=100) == 20
+    assert eta_seconds(names, upstream_stages, {n: 10 for n in names[:-1]}, estimates, started=0, now=100) == 0
+    assert eta_seconds(names, upstream_stages, {}, {k: v for k, v in estimates.items() if k != "evaluate"}, 0, 0) is None
+    work = tmp_path / ".work"
+    assert read_timings(work) == {}
+    record_timing(work, "shard", 4.26)
+    record_timing(work, "segment", 9.0)
+    assert read_timings(work) == {"shard": 4.3, "segment": 9.0}
+    (work / "stage-seconds.json").write_text("not json")
+    assert read_timings(work) == {}  # a broken file costs the estimate, never the run
