@@ -383,6 +383,10 @@ class MaskedTransformerStageConfig(Section):
     scene_drop_rate: float = Field(0.5, ge=0, le=1, description="With scene conditioning: fraction of samples "
                                    "trained without scene tokens, so the model also generates from text alone.")
     workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Ray Train data parallelism.")
+    init: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]*:[0-9a-f]{12}$", description=(
+        "Warm start: begin from this trained artifact's weights instead of random ones, as KIND:VERSION with its "
+        "content version from `muse artifacts ls` (e.g. base:adf3b5352375), so the version and lineage pin it. "
+        "Its architecture must be the one this section builds; optimizer and schedule start afresh."))
 
 
 class TrainGuideConfig(Section):

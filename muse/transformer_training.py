@@ -8,8 +8,9 @@ bucket (low / mid / high r), the figures that say whether the model learns to fi
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,9 +31,9 @@ from muse.contracts import TokenGeometry, TokensSchema, TransformerRecord
 from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.distributed import fit, rank_world, worker_device, wrap_ddp
 from muse.masking import mask_tokens, sample_mask_rate
-from muse.models.transformer import MaskedTransformer, TransformerSpec, save_transformer
+from muse.models.transformer import MaskedTransformer, TransformerSpec, load_transformer, save_transformer
 from muse.sample_grid import SampleGrid
-from muse.stage import StageContext
+from muse.stage import OutputSpec, StageContext
 from muse.training import TrainLoop, seeded
 
 log = logging.getLogger("muse.transformer_training")
@@ -166,6 +167,7 @@ class TransformerJob:
     work_dir: Path
     tokenizer_path: Path | None  # decodes the sample grids written at checkpoints; None = no grids
     sampler: SamplerConfig  # this model's sampling pass: the sample grids, and the default recorded for generation
+    init_weights: Path | None = None  # warm start: the weights training begins from; None = random
 
     @property
     def trained_path(self) -> Path:
@@ -178,6 +180,8 @@ def fit_worker(job: TransformerJob) -> dict:
     device = worker_device()
     with seeded(job.train_cfg.seed):  # same initial weights on every rank (DDP also broadcasts rank 0's)
         model = MaskedTransformer(job.spec).to(device)
+    if job.init_weights is not None:  # before the loop copies it for EMA; a resumed checkpoint overrides both
+        model.load_state_dict(load_file(str(job.init_weights)))
     text = CaptionMemory(job.text_cfg, job.precomputed_text, device)
     objective = MaskedObjective(model, job.target, text, job.text_drop_rate, job.label_smoothing, job.cond,
                                 job.scene_drop_rate, job.train_cfg.seed)
@@ -216,10 +220,45 @@ def transformer_spec(model_cfg, geometry: dict[str, TokenGeometry], text_dim: in
 def stage_config(config: PipelineConfig, section: str) -> dict:
     """What a masked-transformer stage's version hashes: its section (the training knobs that change the weights)
     and the text encoder when embeddings are computed at training time; not the sampler pass the model records
-    for generation (it changes no weight)."""
+    for generation (it changes no weight), nor the warm start, which `masked_outputs` hashes as an input."""
     c: MaskedTransformerStageConfig = getattr(config, section)
-    return {section: c.model_dump(mode="json") | {"train": c.train.versioned()},
+    return {section: c.model_dump(mode="json", exclude={"init"}) | {"train": c.train.versioned()},
             "text_encoder": config.tokenize.text_encoder.model_dump(mode="json")}
+
+
+def masked_outputs(config: PipelineConfig, input_versions: dict[str, str], section: str,
+                   kind: str) -> dict[str, OutputSpec]:
+    """A masked-transformer stage's one output: versioned on `stage_config` and its inputs, plus the artifact it
+    warm-starts from (`<section>.init`), which its manifest then lists among its inputs (the lineage)."""
+    init = getattr(config, section).init
+    inputs = dict(input_versions) | ({init.partition(":")[0]: init.partition(":")[2]} if init else {})
+    return {kind: OutputSpec(stage_config(config, section), inputs)}
+
+
+def warm_start(ctx: StageContext, section: str, kind: str, spec: TransformerSpec) -> Path | None:
+    """The weights file `<section>.init` names, checked against the architecture this run builds; None without."""
+    ref = getattr(ctx.config, section).init
+    if ref is None:
+        return None
+    init_kind, _, version = ref.partition(":")
+    if init_kind != kind:
+        raise ConfigError(f"{section}.init {ref!r}: this stage trains a {kind} transformer; start it from a "
+                          f"{kind}:VERSION artifact")
+    try:
+        artifact = ctx.store.get(kind, version)
+    except MissingArtifact:
+        raise ConfigError(f"{section}.init {ref!r}: no such artifact in the store {ctx.store.location} "
+                          f"(`muse artifacts ls {kind}` lists them)") from None
+    model, _ = load_transformer(artifact.path)
+    theirs, ours = (json.loads(json.dumps(asdict(s))) for s in (model.spec, spec))  # tuples and lists alike
+    differ = [f"{k} {theirs[k]} != {ours[k]}" for k in ours if theirs.get(k) != ours[k]]
+    if differ:
+        raise ConfigError(f"{section}.init {ref!r}: its architecture is not the one this run builds "
+                          f"({'; '.join(differ)}, theirs first)")
+    log.info("%s: warm start from %s", kind, artifact.manifest.label)
+    path = ctx.work_dir(kind) / "init.safetensors"  # in today's layout, whatever muse wrote it
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
 
 
 def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: str | None,
@@ -252,7 +291,7 @@ def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: st
         tokenizer_path = None
     job = TransformerJob(kind, spec, train_cfg, text_cfg, precomputed, tokens.path, columns, target, cond,
                          settings.text_drop_rate, settings.label_smoothing, settings.scene_drop_rate, work_dir,
-                         tokenizer_path, sampler)
+                         tokenizer_path, sampler, warm_start(ctx, section, kind, spec))
     figures = fit(fit_worker, job, settings.workers, ctx.config.ray, work_dir)
     trained = MaskedTransformer(spec)
     trained.load_state_dict(load_file(str(job.trained_path)))
@@ -270,6 +309,7 @@ def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: st
         save_transformer(trained, out.path, record.model_dump(mode="json", exclude={"spec"}))
         out.metrics = {**metrics, "steps": steps, "workers": workers,
                        "parameters": sum(p.numel() for p in trained.parameters())}
-        out.details = {"spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__}}
+        out.details = {"spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__},
+                       **({"init": settings.init} if settings.init else {})}
     log.info("%s: %s", kind, metrics)
     return out.artifact

@@ -273,3 +273,43 @@ def test_a_longer_run_continues_the_shorter_one_when_the_schedule_allows(pipelin
         else:
             assert not resumed and "continued_from" not in longer.manifest.details
             assert "training from step 0" in caplog.text
+
+
+def test_train_base_warm_starts_from_a_trained_base_and_lists_it_in_its_lineage(trained_store, tmp_path):
+    """`train_base.init: base:VERSION` begins from that model's weights (a near-zero learning rate leaves them
+    there; from random weights it would not), is part of the version and the manifest's inputs; an unknown
+    version, another kind or another architecture is refused in one line naming the key."""
+    import shutil
+
+    from muse.artifacts.store import ArtifactStore
+    from muse.config import ConfigError
+    from muse.stages import train_base
+
+    cfg, _, arts = trained_store
+    store = ArtifactStore(tmp_path / "store")  # its own: the session's store keeps its latest base
+    for kind in ("base", "superres"):
+        shutil.copytree(arts[kind].path, store.root / kind / arts[kind].version)
+    start = store.get("base", arts["base"].version)
+    # another seed than the trained base's: random weights of this run are not those the 4-step base started from
+    slow = cfg.train_base.train.model_copy(update={"lr": 1e-12, "warmup_steps": 0, "seed": 1})
+
+    def run(**update):
+        section = cfg.train_base.model_copy(update={"train": slow, **update})
+        return execute(train_base, cfg.model_copy(update={"train_base": section}), {"tokens": arts["tokens"]}, store)
+
+    warm = run(init=f"base:{start.version}")
+    assert warm.version != start.version and warm.manifest.inputs["base"] == start.version
+    assert warm.manifest.details["init"] == f"base:{start.version}"
+    assert any(line.startswith(f"base v1 ({start.version})") for line in store.made_from(warm))
+    original = load_transformer(start.path)[0].state_dict()
+    assert all(torch.allclose(v, original[k], atol=1e-6) for k, v in load_transformer(warm.path)[0].state_dict().items())
+    cold = run()  # the same near-zero rate from random weights: far from the trained ones
+    assert not all(torch.allclose(v, original[k], atol=1e-3) for k, v in load_transformer(cold.path)[0].state_dict().items())
+
+    with pytest.raises(ConfigError, match=r"train_base.init 'base:000000000000': no such artifact"):
+        run(init="base:000000000000")
+    with pytest.raises(ConfigError, match=r"train_base.init 'superres:.*': this stage trains a base transformer"):
+        run(init=f"superres:{arts['superres'].version}")
+    wider = cfg.train_base.model.model_copy(update={"dim": 48})
+    with pytest.raises(ConfigError, match=r"train_base.init .*architecture is not the one this run builds \(dim 32 != 48"):
+        run(init=f"base:{start.version}", model=wider)
