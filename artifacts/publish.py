@@ -12,9 +12,15 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from pathlib import Path
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from .store import PREVIEW_DIR, Artifact, ArtifactStore
 
@@ -80,6 +86,24 @@ def publish(artifact: Artifact, store: ArtifactStore) -> None:
     # Stage-specific tables (e.g. segment's class frequencies) ride in the manifest's details.
     for name, rows in artifact.manifest.details.get("tables", {}).items():
         create_table_artifact(key=f"{key}-{name}", table=rows, description=f"{artifact.manifest.label}: {name}")
+
+
+class ProgressArtifacts:
+    """A `muse.progress` reporter: one Prefect progress artifact per piece of work a stage reports
+    (`muse-<stage>-<name>-progress`, e.g. `muse-train-vqgan-vqgan-low-progress`), updated as it goes."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.ids: dict[str, object] = {}
+
+    def __call__(self, name: str, done: int, total: int, eta_seconds: float | None) -> None:
+        percent = round(100 * done / max(total, 1), 1)
+        description = f"{name}: {done}/{total}" + ("" if eta_seconds is None else f", ETA {eta_seconds:.0f} s")
+        if name in self.ids:
+            update_progress_artifact(self.ids[name], percent, description=description)
+        else:
+            key = re.sub(r"[^a-z0-9-]+", "-", f"muse-{self.stage}-{name}-progress".lower())
+            self.ids[name] = create_progress_artifact(percent, key=key, description=description)
 
 
 def publish_reuse(artifact: Artifact) -> None:

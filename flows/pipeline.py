@@ -20,11 +20,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import FailedRun
 from prefect.states import Failed
 
-from muse.artifacts.publish import publish, publish_reuse
+from muse.artifacts.publish import ProgressArtifacts, publish, publish_reuse
 from muse.artifacts.remote import open_store
 from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact
 from muse.config import ConfigError, PipelineConfig, load_config
 from muse.errors import UserError
+from muse.progress import reporting
 from muse.stage import StageContext
 
 from .dag import (
@@ -111,7 +112,8 @@ def _produce(name, stage, ctx: StageContext, versions: dict[str, str], force: bo
     logger.info("%s: producing %s from %s", name, ", ".join(f"{k}:{v}" for k, v in versions.items()),
                 ", ".join(f"{k}:{v}" for k, v in ctx.input_versions.items()) or "no inputs")
     clock = time.perf_counter()
-    result = stage.run(ctx)
+    with reporting(ProgressArtifacts(name)):  # the stage's long work as progress bars in the UI
+        result = stage.run(ctx)
     record_timing(store.root / ".work", name, time.perf_counter() - clock)  # the next run's ETA
     outputs = [result] if isinstance(result, Artifact) else list(result)
     kinds = sorted(a.kind for a in outputs)

@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from muse.config import TrainConfig
+from muse.progress import report
 from muse.errors import UserError
 from muse.distributed import autocast
 
@@ -334,6 +335,7 @@ class TrainLoop:
                         if cfg.peak_tflops and "flops_per_s" in figures:
                             figures["mfu"] = figures["flops_per_s"] / (cfg.peak_tflops * 1e12)
                     eta = (end - self.step) / max(rate, 1e-9)
+                    report(self.name, self.step, end, eta)
                     log.info("%s step %d/%d  %s  %.1f samples/s  ETA %.0fs", self.name, self.step, end,
                              "  ".join(f"{k}={v:.4g}" for k, v in values.items()), figures["samples_per_s"], eta)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:3]})

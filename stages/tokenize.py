@@ -45,6 +45,7 @@ from muse.datasets.tokens import (
 )
 from muse.models.text import load_text_encoder
 from muse.models.vqgan import from_pretrained
+from muse.progress import report
 from muse.ray_runtime import gpus_per_actor, init_ray
 from muse.stage import StageContext
 
@@ -269,6 +270,7 @@ def run(ctx: StageContext) -> Artifact:
             elapsed = time.perf_counter() - start
             log.info("tokenize: %d/%d files, %d rows, %.1f samples/s, ETA %.0fs", done, len(items),
                      sum(rows.values()), sum(rows.values()) / elapsed, (len(items) - done) * elapsed / done)
+            report("files", done, len(items), (len(items) - done) * elapsed / done)
         elapsed = time.perf_counter() - start
         total = sum(rows.values())
         sch, recorded = schema(geometry, text), _as_json(geometry, text)

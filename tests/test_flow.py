@@ -56,6 +56,11 @@ def test_full_train_runs_every_stage_and_finetune_decoder_reruns_alone(prefect_a
     assert "ETA: after a first run of every stage" in caplog.text and "; ETA" not in caplog.text  # nothing timed yet
     timings = json.loads((store.root / ".work" / "stage-seconds.json").read_text())
     assert sorted(timings) == sorted(STAGES) and all(t >= 0 for t in timings.values())
+    progress = _progress_artifacts()  # the UI's progress bars of the long work, each at 100% at the end
+    for key in ("muse-train-vqgan-vqgan-low-progress", "muse-tokenize-files-progress", "muse-train-base-base-progress",
+                "muse-finetune-decoder-decoder-progress"):
+        assert progress[key][0] == 100.0, progress
+    assert progress["muse-train-base-base-progress"][1] == "base: 4/4, ETA 0 s"
     kinds = ["base", "decoder", "guide", "report", "segments", "shards", "superres", "tokens", "vqgan-high",
              "vqgan-low", "vqseg"]
     assert store.kinds() == kinds and sorted(produced) == kinds
@@ -80,6 +85,19 @@ def test_full_train_runs_every_stage_and_finetune_decoder_reruns_alone(prefect_a
     report = store.get("report")
     assert "guide" not in report.manifest.inputs and "guide" not in report.manifest.details["lineage"]
     assert report.version != after["report"][0] and store.get("guide").version == after["guide"][0]
+
+
+def _progress_artifacts() -> dict[str, tuple[float, str]]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+
+    return {a.key: (a.data, a.description) for a in asyncio.run(read())}
 
 
 def test_unknown_target_and_force(prefect_api, store):

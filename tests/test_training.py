@@ -256,3 +256,21 @@ def test_autocast_is_bf16_on_request_or_on_a_gpu_and_fp32_on_a_cpu_by_default():
         assert (a @ a).dtype == torch.bfloat16
     with autocast(torch.device("cpu"), "fp32"):
         assert (a @ a).dtype == torch.float32
+
+
+def test_progress_goes_to_the_reporter_of_its_context_and_never_stops_the_work(tmp_path):
+    from muse.progress import report, reporting
+
+    seen = []
+    report("base", 1, 2)  # no reporter: nothing happens
+    with reporting(lambda *args: seen.append(args)):
+        report("base", 1, 2, 5.0)
+
+        def broken(*args):
+            raise RuntimeError("the UI is down")
+
+        with reporting(broken):
+            report("base", 2, 2)  # swallowed
+        report("base", 2, 2, 0.0)
+    report("base", 3, 2)
+    assert seen == [("base", 1, 2, 5.0), ("base", 2, 2, 0.0)]

@@ -33,6 +33,7 @@ from muse.datasets.labels import LabelSpace, build_label_space, palette
 from muse.datasets.segments import SceneMaps, details
 from muse.datasets.shards import SPLITS, read_samples, shard_files
 from muse.datasets.tars import has_ending, tar_keys
+from muse.progress import report
 from muse.ray_runtime import gpus_per_actor, init_ray
 from muse.stage import StageContext
 
@@ -293,6 +294,7 @@ def run(ctx: StageContext) -> Artifact:
                         rate = (done - logged_done) / (now - logged)
                         log.info("segment: %s %d/%d samples, %.1f img/s, ETA %.0fs", split, done, todo, rate,
                                  (todo - done) / rate)
+                        report(split, done, todo, (todo - done) / rate)
                         logged, logged_done = now, done
                     shard, key = row["path"], row["key"]
                     if key in written[shard] or key in failed[shard]:
