@@ -24,7 +24,7 @@ from muse.config import PipelineConfig, VQLossConfig
 from muse.datasets.decode import image_decoder
 from muse.datasets.shards import shard_files
 from muse.datasets.stream import batches, iter_tar, sample_stream
-from muse.models.image_loss import ImageLoss, perceptual_loss, psnr
+from muse.models.image_loss import ImageLoss, lpips_status, perceptual_loss, psnr
 from muse.models.vqgan import (
     LatentDecoder,
     VQModel,
@@ -137,5 +137,6 @@ def run(ctx: StageContext) -> Artifact:
             Image.fromarray(np.concatenate(rows, 0)).save(out.path / PREVIEW_DIR / "input-old-new.png")
         out.metrics = {**metrics, "psnr_gain": round(metrics["new_psnr"] - metrics["old_psnr"], 4),
                        "steps": loop.step, "initialised_tensors": copied}
+        out.details = {"lpips": lpips_status(c.loss)}
     ctx.log.info("finetune-decoder: val %s", metrics)
     return out.artifact

@@ -32,7 +32,7 @@ from muse.datasets.labels import build_label_space, palette
 from muse.datasets.segments import details as scene_details
 from muse.datasets.segments import scene_maps_of
 from muse.datasets.stream import batches, iter_tar, sample_stream
-from muse.models.image_loss import ImageLoss, perceptual_loss, psnr
+from muse.models.image_loss import ImageLoss, lpips_status, perceptual_loss, psnr
 from muse.models.vqgan import VQModel, save_pretrained
 from muse.stage import OutputSpec, StageContext
 from muse.training import TrainLoop, seed_everything
@@ -199,7 +199,8 @@ def _train_one(ctx: StageContext, kind: str, model_cfg: VQModelConfig, train_cfg
             save_preview(*first, out.path / PREVIEW_DIR / "reconstructions.png", scene)
         out.metrics = {**metrics, "steps": loop.step}
         out.details = {"resolution": model_cfg.resolution, "token_side": model_cfg.token_side,
-                       "codebook_size": model_cfg.codebook_size, "val_split": "val" if val_files else "train"}
+                       "codebook_size": model_cfg.codebook_size, "val_split": "val" if val_files else "train",
+                       **({} if scene else {"lpips": lpips_status(ctx.config.train_vqgan.loss)})}
     log.info("%s: val %s", kind, metrics)
     return out.artifact
 

@@ -13,6 +13,10 @@ def test_presets_load_and_validate():
     big = load_config("muse-256")
     assert big.train_vqgan.low.downsample == 16 and big.train_vqgan.low.token_side == 16
     assert big.train_vqgan.high.token_side == 64 and big.train_vqgan.high.codebook_size == 8192
+    for name in ("muse-256", "muse-512"):  # the transformers sample from an EMA of their weights, as aMUSEd does
+        cfg = load_config(name)
+        assert cfg.train_base.train.ema_decay == cfg.train_superres.train.ema_decay == 0.9999
+    assert tiny.train_base.train.ema_decay == 0  # not at the demo's 1200 steps: an EMA that long would lag
 
 
 def test_overrides_are_typed_and_applied():

@@ -49,6 +49,7 @@ def test_decoder_is_larger_and_the_tokenizer_is_untouched(trained_store):
     m = arts["decoder"].manifest.metrics
     assert {"old_psnr", "new_psnr", "psnr_gain"} <= set(m) and m["initialised_tensors"] > 0
     assert (arts["decoder"].path / "previews" / "input-old-new.png").is_file()
+    assert arts["decoder"].manifest.details["lpips"].startswith("off: no loss.vgg_weights")
 
 
 def test_report_has_the_figures_and_the_lineage(trained_store):

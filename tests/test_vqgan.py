@@ -150,6 +150,9 @@ def test_stage_trains_all_three_tokenizers(ray_local, store, small_config):
         model = from_pretrained(a.path)
         assert model.cfg.token_side == (8 if kind == "vqseg" else 4)
     assert "psnr" in arts["vqgan-low"].manifest.metrics and "pixel_accuracy" in arts["vqseg"].manifest.metrics
+    # whether LPIPS trained the image tokenizers is said in their manifests (no VGG weights here)
+    assert arts["vqgan-low"].manifest.details["lpips"] == "off: no loss.vgg_weights (LPIPS weights path)"
+    assert "lpips" not in arts["vqseg"].manifest.details
     assert "train_d_weight" in arts["vqgan-high"].manifest.metrics  # the GAN switched on at disc_start
     # A rerun finds every tokenizer committed and trains nothing.
     again = execute(train_vqgan, cfg, {"shards": shards, "segments": segments}, store)

@@ -34,6 +34,13 @@ def perceptual_loss(loss: VQLossConfig, device) -> nn.Module | None:
     return None
 
 
+def lpips_status(loss: VQLossConfig) -> str:
+    """Whether LPIPS trained this model, for its manifest: a reader of the figures must know."""
+    if not loss.perceptual_weight:
+        return "off: perceptual_weight is 0"
+    return f"on: VGG weights {loss.vgg_weights}" if loss.vgg_weights else "off: no loss.vgg_weights (LPIPS weights path)"
+
+
 class ImageLoss:
     """Reconstruction and GAN terms for an objective whose generator module ends in `last_layer`."""
 
