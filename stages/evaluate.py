@@ -30,6 +30,7 @@ from muse.datasets.demo_check import grade
 from muse.datasets.shards import read_samples
 from muse.datasets.tokens import TokenTable
 from muse.generate import TextToImage, to_images
+from muse.labelled_grid import caption_lines
 from muse.stage import StageContext
 from muse.training import seeded
 
@@ -166,9 +167,8 @@ def _grid(images: list[Image.Image], captions: list[str], path, per_row: int = 8
     for i, (img, cap) in enumerate(zip(images, captions)):
         x, y = (i % per_row) * side, (i // per_row) * (side + 28)
         canvas.paste(img, (x, y))
-        words = cap.split()
-        draw.text((x + 2, y + side + 1), " ".join(words[: len(words) // 2 + 1])[:side // 6], fill="black")
-        draw.text((x + 2, y + side + 14), " ".join(words[len(words) // 2 + 1:])[:side // 6], fill="black")
+        draw.multiline_text((x + 2, y + side + 1), "\n".join(caption_lines(cap, side, max_lines=2)), fill="black",
+                            spacing=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 

@@ -117,7 +117,7 @@ def run(ctx: StageContext) -> Artifact:
     objective = DecoderObjective(tokenizer, decoder, c.loss, perceptual_loss(c.loss, device))
     for module in objective.modules.values():
         module.to(device)
-    ctx.log.info("finetune-decoder: %.2fM -> %.2fM decoder parameters, %d tensors initialised from vqgan-high",
+    log.info("finetune-decoder: %.2fM -> %.2fM decoder parameters, %d tensors initialised from vqgan-high",
              sum(p.numel() for n, p in tokenizer.named_parameters() if n.startswith(("decoder.", "post_quant")))
              / 1e6, sum(p.numel() for p in decoder.parameters()) / 1e6, copied)
     train_files = shard_files(shards.path, "train")
@@ -138,5 +138,5 @@ def run(ctx: StageContext) -> Artifact:
         out.metrics = {**metrics, "psnr_gain": round(metrics["new_psnr"] - metrics["old_psnr"], 4),
                        "steps": loop.step, "initialised_tensors": copied}
         out.details = {"lpips": lpips_status(c.loss)}
-    ctx.log.info("finetune-decoder: val %s", metrics)
+    log.info("finetune-decoder: val %s", metrics)
     return out.artifact

@@ -44,6 +44,7 @@ from muse.datasets.sources import (
     fingerprint,
     iter_items,
 )
+from muse.labelled_grid import caption_lines
 from muse.stage import StageContext
 
 NAME = "shard"
@@ -260,12 +261,7 @@ def _preview(samples: list[tuple[bytes, str]], path: Path, thumb: int = 128) -> 
     for i, (data, caption) in enumerate(samples):
         x, y = (i % cols) * thumb, (i // cols) * cell_h
         grid.paste(Image.open(io.BytesIO(data)).convert("RGB").resize((thumb, thumb)), (x, y))
-        words, lines = caption.split(), [""]
-        for word in words:
-            if len(lines[-1]) + len(word) + 1 > thumb // 6:
-                lines.append("")
-            lines[-1] = f"{lines[-1]} {word}".strip()
-        draw.multiline_text((x + 2, y + thumb + 1), "\n".join(lines[:3]), fill="black", spacing=1)
+        draw.multiline_text((x + 2, y + thumb + 1), "\n".join(caption_lines(caption, thumb)), fill="black", spacing=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
 
