@@ -334,6 +334,11 @@ class ArtifactStore:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def cache_dir(self, name: str) -> Path:
+        """`.cache/NAME/`: figures derived from artifacts that are costly to recompute (FID reference statistics);
+        keyed by what they derive from, so deleting it loses only time."""
+        return self.root / ".cache" / name
+
     def clear_work(self, kind: str, version: str) -> None:
         shutil.rmtree(self.root / ".work" / kind / version, ignore_errors=True)
 

@@ -12,10 +12,18 @@ from __future__ import annotations
 import importlib.resources
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from muse.errors import UserError
 
@@ -303,6 +311,10 @@ class SegmentConfig(Section):
         return self
 
 
+# A trained artifact to begin from, KIND:VERSION with its 12-hex content version.
+WarmStart = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]*:[0-9a-f]{12}$")]
+
+
 class TrainOverride(Section):
     """Per-tokenizer exceptions to the shared training loop settings."""
 
@@ -322,6 +334,11 @@ class TrainVQGANConfig(Section):
     overrides: dict[Literal["low", "high", "seg"], TrainOverride] = Field(
         {}, description="Per-tokenizer steps / batch size, e.g. a smaller batch for the high-res one."
     )
+    init: dict[Literal["low", "high", "seg"], WarmStart] = Field({}, description=(
+        "Warm starts: a tokenizer begins from a trained artifact's weights instead of random ones, e.g. "
+        "{low: vqgan-low:VERSION} (the content version from `muse artifacts ls`), which its version and lineage "
+        "then pin. Its architecture must be the one this section builds; the optimizer and discriminator start "
+        "afresh."))
 
     def train_for(self, tokenizer: str) -> TrainConfig:
         """The shared loop settings with this tokenizer's overrides applied."""
@@ -371,6 +388,17 @@ class TransformerConfig(Section):
         "low-res token it refines at its own position."))
 
 
+class LoraConfig(Section):
+    """LoRA finetuning (peft): low-rank adapters on the warm-started model's linear layers, the rest frozen."""
+
+    rank: int = Field(..., ge=1, description="Rank r of each adapter (B @ A, A: r x in, B: out x r).")
+    alpha: float | None = Field(None, gt=0, description="Adapter updates are scaled by alpha / rank; None = rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(["qkv", "q", "kv", "out"], min_length=1, description=(
+        "Names (last parts) of the linear layers adapted: the attention projections by default; add mlp.0 and "
+        "mlp.2 for the MLPs."))
+
+
 class MaskedTransformerStageConfig(Section):
     """Stages `train-base` (text -> low-res tokens) and `train-superres` (low-res tokens and text -> high-res
     tokens): one masked transformer and how it is trained."""
@@ -383,10 +411,19 @@ class MaskedTransformerStageConfig(Section):
     scene_drop_rate: float = Field(0.5, ge=0, le=1, description="With scene conditioning: fraction of samples "
                                    "trained without scene tokens, so the model also generates from text alone.")
     workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Ray Train data parallelism.")
-    init: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]*:[0-9a-f]{12}$", description=(
+    init: WarmStart | None = Field(None, description=(
         "Warm start: begin from this trained artifact's weights instead of random ones, as KIND:VERSION with its "
         "content version from `muse artifacts ls` (e.g. base:adf3b5352375), so the version and lineage pin it. "
         "Its architecture must be the one this section builds; optimizer and schedule start afresh."))
+    lora: LoraConfig | None = Field(None, description=(
+        "Train LoRA adapters on top of `init` instead of all its weights; the artifact then holds the adapters "
+        "alone and loads on top of `init`. None = full finetuning."))
+
+    @model_validator(mode="after")
+    def _lora_adapts_a_trained_model(self) -> "MaskedTransformerStageConfig":
+        if self.lora is not None and self.init is None:
+            raise ValueError("lora needs init: the trained model (KIND:VERSION) the adapters are trained on")
+        return self
 
 
 class TrainGuideConfig(Section):
@@ -467,8 +504,11 @@ class EvaluateConfig(Section):
     clip_model: str = Field("ViT-B-32", description="open_clip model for the CLIP score.")
     clip_pretrained: str | None = Field(
         None, description="open_clip tag or checkpoint path; None = random weights (the score is flagged as such).")
-    inception_weights: str | None = Field(
-        None, description="torchvision inception_v3 state-dict path for FID; None = FID skipped with the reason.")
+    inception_weights: str | None = Field(None, description=(
+        "Path of the FID Inception network's weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth, "
+        "the network of TF FID and pytorch-fid); None = FID skipped with the reason."))
+    fid_reference_images: int | None = Field(None, ge=2, description=(
+        "Real images of the split FID compares against (the first N); None = all of them."))
     guide_scales: list[float] = Field([0.0, 0.25], description="With a trained guide: guide scales sampled too "
                                       "(same prompts and seeds) and graded beside the `sampling` section's own.")
 

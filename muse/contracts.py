@@ -89,6 +89,7 @@ class TransformerRecord(Record):
     text_encoder: TextEncoderConfig
     tokenizers: dict[str, str]  # token column -> "kind:version"
     sampling: SamplerConfig | None = None  # the pass it was trained to be sampled with; absent before it was recorded
+    adapter_of: str | None = None  # a LoRA adapter: "kind:version" of the weights it adapts; None = full weights
 
     @classmethod
     def of(cls, model_dir) -> "TransformerRecord":

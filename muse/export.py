@@ -4,7 +4,9 @@
 `config.json` as they are (plain `safetensors` reads the weights), `muse.json` (what the model
 is, where it came from, its metrics) and a model card `README.md` in the Hugging Face Hub's
 format: lineage down to the data, the data's fingerprint, metrics and a sample grid.
-`muse.from_pretrained(DIR)` builds the model back; `push_to_hub` uploads the folder.
+`muse.from_pretrained(DIR)` builds the model back; `push_to_hub` uploads the folder. A LoRA
+artifact exports its adapters as they are (peft's files) beside the full weights they make,
+merged into its base, so the folder needs no store either.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from pathlib import Path
 from torch import nn
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
-from muse.contracts import metric
+from muse.contracts import TransformerRecord, metric
 from muse.errors import UserError
-from muse.models.saved import CONFIG_FILE, WEIGHTS_FILE
+from muse.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter, load_trained
+from muse.models.saved import CONFIG_FILE, WEIGHTS_FILE, save_weights
 
 EXPORT_FILE = "muse.json"
 SAMPLE_FILE = "sample.png"
@@ -45,14 +48,20 @@ def export(store: ArtifactStore, ref: str, out: Path) -> Path:
     kind = artifact.kind
     if kind not in DESCRIPTIONS:
         raise ExportError(f"{artifact.ref}: only trained models export ({', '.join(DESCRIPTIONS)}), not {kind!r}")
-    if not (artifact.path / WEIGHTS_FILE).is_file():
+    adapter = is_adapter(artifact.path)
+    if not adapter and not (artifact.path / WEIGHTS_FILE).is_file():
         raise ExportError(f"{artifact.ref}: has no {WEIGHTS_FILE} (a tokenizer that was not trained)")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out}: exists and is not empty; choose another --out (nothing there is overwritten)")
     out.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        shutil.copy(artifact.path / name, out / name)
+    if adapter:
+        save_weights(load_trained(store, artifact), out, json.loads((artifact.path / CONFIG_FILE).read_text()))
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            shutil.copy(artifact.path / name, out / name)
+    else:
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            shutil.copy(artifact.path / name, out / name)
     previews = sorted((artifact.path / PREVIEW_DIR).glob("*.png")) if (artifact.path / PREVIEW_DIR).is_dir() else []
     if previews:
         shutil.copy(previews[-1], out / SAMPLE_FILE)  # the last checkpoint's grid, or the stage's one preview
@@ -61,7 +70,8 @@ def export(store: ArtifactStore, ref: str, out: Path) -> Path:
 
     record = {"kind": kind, "version": m.version, "label": m.label, "stage": m.stage, "code_version": m.code_version,
               "inputs": m.inputs, "made_from": store.made_from(artifact), "metrics": m.metrics,
-              "data": _data(store, artifact), "muse_pipeline": __version__}
+              "data": _data(store, artifact), "muse_pipeline": __version__,
+              "adapter_of": TransformerRecord.of(artifact.path).adapter_of if adapter else None}
     (out / EXPORT_FILE).write_text(json.dumps(record, indent=2, default=str))
     (out / "README.md").write_text(model_card(record, has_sample=bool(previews)))
     return out
@@ -84,7 +94,11 @@ def model_card(record: dict, has_sample: bool) -> str:
     lines = [
         "---", "library_name: muse-pipeline", "tags:", "- text-to-image", "- muse", "- masked-generative-transformer",
         "---", "", f"# {record['label']}", "", f"{DESCRIPTIONS[record['kind']]}, trained by muse-pipeline's "
-        f"`{record['stage']}` stage (code version {record['code_version']}).", "", "## Load", "", "```python",
+        f"`{record['stage']}` stage (code version {record['code_version']}).", "",
+        *([(f"LoRA adapters trained on `{record['adapter_of']}`: `{WEIGHTS_FILE}` holds them merged into its "
+            f"weights, `{ADAPTER_WEIGHTS}` and `{ADAPTER_CONFIG}` the adapters alone (peft's format)."), ""]
+          if record["adapter_of"] else []),
+        "## Load", "", "```python",
         "import muse", "", 'model = muse.from_pretrained("THIS_FOLDER")', "", "# or the weights alone:",
         "from safetensors.torch import load_file", "", f'state_dict = load_file("THIS_FOLDER/{WEIGHTS_FILE}")',
         "```", "", "## Lineage", "", *[f"- {line}" for line in record["made_from"]], "",

@@ -18,9 +18,10 @@ from muse.config import ConfigError, GuideSamplingConfig, SamplerConfig, Samplin
 from muse.contracts import TransformerRecord
 from muse.distributed import autocast
 from muse.guidance import steer
+from muse.lora import load_trained
 from muse.models.guide import GuideHead, load_guide, pooled_text
 from muse.models.text import load_text_encoder
-from muse.models.transformer import MaskedTransformer, load_transformer
+from muse.models.transformer import MaskedTransformer
 from muse.models.vqgan import from_pretrained, load_decoder
 from muse.sampling import decode
 
@@ -41,7 +42,7 @@ class TextToImage:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pins = pins or {}
         base = pins.get("base") or store.get("base")
-        self.base, _ = load_transformer(base.path)
+        self.base = load_trained(store, base)
         self.base.to(self.device)
         record = TransformerRecord.of(base.path)
         self.sampling = SamplingConfig(base=record.sampling or SamplingConfig().base)
@@ -68,7 +69,7 @@ class TextToImage:
         self.decoder = None
         if "superres" in pins or store.latest_version("superres") is not None:
             sr = pins.get("superres") or store.get("superres")
-            self.superres, _ = load_transformer(sr.path)
+            self.superres = load_trained(store, sr)
             self.superres.to(self.device)
             sr_record = TransformerRecord.of(sr.path)
             self.sampling = self.sampling.model_copy(

@@ -117,6 +117,23 @@ class StageContext:
         version = self.version(kind)
         return self.store.get(kind, version) if self.store.has(kind, version) else None
 
+    def warm_start_artifact(self, key: str, ref: str, kind: str) -> Artifact:
+        """The trained `kind` artifact config key `key` names as `ref` (KIND:VERSION) to begin training from; a
+        one-line ConfigError naming the key when it is another kind or not in the store."""
+        from muse.artifacts.store import MissingArtifact
+        from muse.config import ConfigError
+
+        init_kind, _, version = ref.partition(":")
+        if init_kind != kind:
+            raise ConfigError(f"{key} {ref!r}: this trains a {kind} model; start it from a {kind}:VERSION artifact")
+        try:
+            artifact = self.store.get(kind, version)
+        except MissingArtifact:
+            raise ConfigError(f"{key} {ref!r}: no such artifact in the store {self.store.location} "
+                              f"(`muse artifacts ls {kind}` lists them)") from None
+        self.log.info("%s: warm start from %s", kind, artifact.manifest.label)
+        return artifact
+
     def work_dir(self, kind: str) -> Path:
         """Checkpoints and scratch of `kind` at this version: survive a crash, go with the commit.
 

@@ -21,6 +21,7 @@ from torch import nn
 from muse.artifacts.store import Artifact, MissingArtifact
 from muse.config import (
     ConfigError,
+    LoraConfig,
     MaskedTransformerStageConfig,
     PipelineConfig,
     SamplerConfig,
@@ -30,8 +31,9 @@ from muse.config import (
 from muse.contracts import TokenGeometry, TokensSchema, TransformerRecord
 from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.distributed import fit, rank_world, worker_device, wrap_ddp
+from muse.lora import apply_lora, load_trained, save_adapter
 from muse.masking import mask_tokens, sample_mask_rate
-from muse.models.transformer import MaskedTransformer, TransformerSpec, load_transformer, save_transformer
+from muse.models.transformer import MaskedTransformer, TransformerSpec, save_transformer
 from muse.sample_grid import SampleGrid
 from muse.stage import OutputSpec, StageContext
 from muse.training import TrainLoop, seeded
@@ -168,6 +170,7 @@ class TransformerJob:
     tokenizer_path: Path | None  # decodes the sample grids written at checkpoints; None = no grids
     sampler: SamplerConfig  # this model's sampling pass: the sample grids, and the default recorded for generation
     init_weights: Path | None = None  # warm start: the weights training begins from; None = random
+    lora: LoraConfig | None = None  # train adapters on the init weights, the rest frozen; None = every weight
 
     @property
     def trained_path(self) -> Path:
@@ -182,14 +185,18 @@ def fit_worker(job: TransformerJob) -> dict:
         model = MaskedTransformer(job.spec).to(device)
     if job.init_weights is not None:  # before the loop copies it for EMA; a resumed checkpoint overrides both
         model.load_state_dict(load_file(str(job.init_weights)))
+    if job.lora is not None:
+        apply_lora(model, job.lora)
     text = CaptionMemory(job.text_cfg, job.precomputed_text, device)
     objective = MaskedObjective(model, job.target, text, job.text_drop_rate, job.label_smoothing, job.cond,
                                 job.scene_drop_rate, job.train_cfg.seed)
     train = TokenTable(job.tokens_path, "train", job.columns)
     loop = TrainLoop(job.train_cfg, objective, job.work_dir, job.kind, device, rank=rank)
     if rank == 0:
-        log.info("%s: %.2fM parameters, %d train rows, tokens %dx%d, %d worker(s)", job.kind,
-                 sum(p.numel() for p in model.parameters()) / 1e6, len(train), job.spec.side, job.spec.side, world)
+        log.info("%s: %.2fM parameters (%.3fM trained), %d train rows, tokens %dx%d, %d worker(s)", job.kind,
+                 sum(p.numel() for p in model.parameters()) / 1e6,
+                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, len(train), job.spec.side,
+                 job.spec.side, world)
     bs, seed = job.train_cfg.batch_size, job.train_cfg.seed
     preview = None
     if rank == 0 and job.tokenizer_path is not None:
@@ -199,7 +206,8 @@ def fit_worker(job: TransformerJob) -> dict:
     if rank == 0:
         save_file({k: v.detach().cpu().contiguous() for k, v in loop.trained("transformer").state_dict().items()},
                   str(job.trained_path))
-    return {**figures, "steps": loop.step, "workers": world}
+    trained_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)  # what the optimizer updates
+    return {**figures, "steps": loop.step, "workers": world, "trained_parameters": trained_parameters}
 
 
 def transformer_spec(model_cfg, geometry: dict[str, TokenGeometry], text_dim: int, target: str, cond: str | None,
@@ -240,22 +248,12 @@ def warm_start(ctx: StageContext, section: str, kind: str, spec: TransformerSpec
     ref = getattr(ctx.config, section).init
     if ref is None:
         return None
-    init_kind, _, version = ref.partition(":")
-    if init_kind != kind:
-        raise ConfigError(f"{section}.init {ref!r}: this stage trains a {kind} transformer; start it from a "
-                          f"{kind}:VERSION artifact")
-    try:
-        artifact = ctx.store.get(kind, version)
-    except MissingArtifact:
-        raise ConfigError(f"{section}.init {ref!r}: no such artifact in the store {ctx.store.location} "
-                          f"(`muse artifacts ls {kind}` lists them)") from None
-    model, _ = load_transformer(artifact.path)
+    model = load_trained(ctx.store, ctx.warm_start_artifact(f"{section}.init", ref, kind))
     theirs, ours = (json.loads(json.dumps(asdict(s))) for s in (model.spec, spec))  # tuples and lists alike
     differ = [f"{k} {theirs[k]} != {ours[k]}" for k in ours if theirs.get(k) != ours[k]]
     if differ:
         raise ConfigError(f"{section}.init {ref!r}: its architecture is not the one this run builds "
                           f"({'; '.join(differ)}, theirs first)")
-    log.info("%s: warm start from %s", kind, artifact.manifest.label)
     path = ctx.work_dir(kind) / "init.safetensors"  # in today's layout, whatever muse wrote it
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
@@ -291,9 +289,11 @@ def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: st
         tokenizer_path = None
     job = TransformerJob(kind, spec, train_cfg, text_cfg, precomputed, tokens.path, columns, target, cond,
                          settings.text_drop_rate, settings.label_smoothing, settings.scene_drop_rate, work_dir,
-                         tokenizer_path, sampler, warm_start(ctx, section, kind, spec))
+                         tokenizer_path, sampler, warm_start(ctx, section, kind, spec), settings.lora)
     figures = fit(fit_worker, job, settings.workers, ctx.config.ray, work_dir)
     trained = MaskedTransformer(spec)
+    if settings.lora is not None:
+        apply_lora(trained, settings.lora)
     trained.load_state_dict(load_file(str(job.trained_path)))
     trained.to(device)
     try:
@@ -301,14 +301,19 @@ def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: st
     except FileNotFoundError:
         val = TokenTable(tokens.path, "train", columns)
     metrics = masked_accuracy(trained, val, target, text, cond, device)
-    steps, workers = int(figures.pop("steps")), int(figures.pop("workers"))
+    steps, workers, updated = (int(figures.pop(k)) for k in ("steps", "workers", "trained_parameters"))
     with ctx.commit(kind, figures, MAX_GRIDS) as out:
         record = TransformerRecord(spec={}, target=target, cond=cond, scene=scene, text=text_info,
                                    text_encoder=text_cfg, sampling=sampler,
                                    tokenizers={k: g.tokenizer for k, g in geometry.items()})
-        save_transformer(trained, out.path, record.model_dump(mode="json", exclude={"spec"}))
+        if settings.lora is None:
+            save_transformer(trained, out.path, record.model_dump(mode="json", exclude={"spec"}))
+        else:  # the adapters alone, on top of the init weights
+            record = record.model_copy(update={"spec": asdict(spec), "adapter_of": settings.init})
+            save_adapter(trained, settings.lora, out.path, record.model_dump(mode="json"))
         out.metrics = {**metrics, "steps": steps, "workers": workers,
-                       "parameters": sum(p.numel() for p in trained.parameters())}
+                       "parameters": sum(p.numel() for p in trained.parameters()),
+                       "trained_parameters": updated}
         out.details = {"spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__},
                        **({"init": settings.init} if settings.init else {})}
     log.info("%s: %s", kind, metrics)

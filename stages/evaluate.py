@@ -2,8 +2,9 @@
 
 Figures in the `report` artifact: caption alignment of generated images on demo data
 (colour / shape / position, graded from pixels by `datasets.demo_check`), CLIP score
-(open_clip; flagged when its weights are random), FID against the val images (when
-Inception weights are configured; otherwise skipped with the reason), the tokenizers' and
+(open_clip; flagged when its weights are random), FID against the val images (on the
+standard FID Inception network when its weights are configured, `muse.fid`; otherwise skipped
+with the reason), each with the protocol it followed, the tokenizers' and
 the finetuned decoder's val reconstruction PSNR, and codebook usage of the tokens. On demo
 data, the alignment of each link fed its true input (the base's samples decoded by the
 low-res tokenizer, tokenizer and decoder reconstructions, super-res from the real low-res
@@ -15,6 +16,7 @@ table gives each scale's alignment figures and time per image.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -23,12 +25,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from muse.artifacts.store import PREVIEW_DIR, Artifact
+from muse.artifacts.store import PREVIEW_DIR, Artifact, ArtifactStore
 from muse.config import EvaluateConfig, PipelineConfig, SamplingConfig
 from muse.contracts import TokensSchema, metric
 from muse.datasets.demo_check import grade
 from muse.datasets.shards import read_samples
 from muse.datasets.tokens import TokenTable
+from muse.fid import InceptionFeatures, frechet_distance, reference_statistics, statistics, weights_digest
 from muse.generate import TextToImage, to_images
 from muse.labelled_grid import caption_lines
 from muse.stage import StageContext
@@ -37,7 +40,7 @@ from muse.training import seeded
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("shards", "vqgan-low", "vqgan-high", "tokens", "base", "superres", "decoder", "guide")
 OUTPUTS: tuple[str, ...] = ("report",)
-CODE_VERSION = "4"
+CODE_VERSION = "5"
 BASE_LINK = "base samples through the vqgan-low decoder"
 PARTS = ("colour", "shape", "position")
 
@@ -54,8 +57,9 @@ def config_of(config: PipelineConfig) -> dict:
     return config.evaluate.model_dump(mode="json") | {"sampling": config.sampling.model_dump(mode="json")}
 
 
-def clip_score(images: list[Image.Image], captions: list[str], c: EvaluateConfig) -> dict:
-    """Mean 100 x cosine(image, caption) under open_clip (random weights allowed, and then flagged).
+def clip_score(images: list[Image.Image], captions: list[str], c: EvaluateConfig, device: torch.device) -> dict:
+    """Mean 100 x max(cosine(image, caption), 0) under open_clip (torchmetrics' CLIPScore definition), in batches
+    on `device`; random weights are allowed, and then flagged.
 
     Random weights are drawn from `c.seed`: the score means nothing, but two reports of the same
     images then show the same figure, so a change in it is a change in the images."""
@@ -64,12 +68,18 @@ def clip_score(images: list[Image.Image], captions: list[str], c: EvaluateConfig
     with seeded(c.seed):
         model, _, preprocess = open_clip.create_model_and_transforms(c.clip_model, pretrained=c.clip_pretrained)
     tokenizer = open_clip.get_tokenizer(c.clip_model)
-    model.eval()
+    model.eval().to(device)
+    scores = []
     with torch.no_grad():
-        img = model.encode_image(torch.stack([preprocess(i) for i in images]), normalize=True)
-        txt = model.encode_text(tokenizer(captions), normalize=True)
-    score = float(100 * (img * txt).sum(-1).clamp_min(0).mean())
-    return {"clip_score": round(score, 3), "clip_weights": c.clip_pretrained or "random (score not meaningful)"}
+        for i in range(0, len(images), c.batch_size):
+            img = model.encode_image(torch.stack([preprocess(im) for im in images[i:i + c.batch_size]]).to(device),
+                                     normalize=True)
+            txt = model.encode_text(tokenizer(captions[i:i + c.batch_size]).to(device), normalize=True)
+            scores.append((100 * (img * txt).sum(-1).clamp_min(0)).cpu())
+    weights = c.clip_pretrained or "random (score not meaningful)"
+    return {"clip_score": round(float(torch.cat(scores).mean()), 3), "clip_weights": weights,
+            "clip_protocol": f"CLIP score (100 x max(cos, 0), mean) of {len(images)} images at "
+                             f"{images[0].size[0]} px and their captions; open_clip {c.clip_model}, weights {weights}"}
 
 
 def grade_samples(images: list[Image.Image], samples: list[dict]) -> list[list[dict[str, bool]]]:
@@ -133,30 +143,30 @@ def generate(pipe: TextToImage, captions: list[str], sampling: SamplingConfig,
     return images, tokens_low, time.perf_counter() - start
 
 
-def fid(generated: list[Image.Image], real: list[Image.Image], weights: str | None) -> dict:
-    """Frechet Inception distance of pool features, or the reason it was skipped."""
-    if weights is None:
-        return {"fid": None, "fid_skipped": "no evaluate.inception_weights (torchvision inception_v3 state dict)"}
-    from scipy import linalg
-    from torchvision.models import inception_v3
+def fid(generated: list[Image.Image], shards: Artifact, split: str, c: EvaluateConfig, store: ArtifactStore,
+        device: torch.device) -> dict:
+    """FID of the generated images against the real images of `shards`' split at the same resolution, on the
+    standard FID network (`muse.fid`), with the protocol it followed; or the reason it was skipped."""
+    if c.inception_weights is None:
+        return {"fid": None, "fid_skipped": "no evaluate.inception_weights (the FID Inception network's weights, "
+                "torch-fidelity's weights-inception-2015-12-05-6726825d.pth)"}
+    features = InceptionFeatures(c.inception_weights, device, c.batch_size)
+    side = generated[0].size[0]
 
-    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-    net.load_state_dict(torch.load(weights, map_location="cpu"))
-    net.fc = torch.nn.Identity()
-    net.eval()
+    def real() -> list[Image.Image]:
+        images = (s["image"].convert("RGB") for s in read_samples(shards.path, split))
+        chosen = list(images if c.fid_reference_images is None else itertools.islice(images, c.fid_reference_images))
+        return [im if im.size == (side, side) else im.resize((side, side), Image.BICUBIC) for im in chosen]
 
-    def features(images: list[Image.Image]) -> np.ndarray:
-        x = torch.stack([torch.from_numpy(np.asarray(i.convert("RGB").resize((299, 299), Image.BICUBIC)).copy())
-                         .permute(2, 0, 1).float() / 255 for i in images])
-        mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-        with torch.no_grad():
-            return net((x - mean) / std).double().numpy()
-
-    a, b = features(generated), features(real)
-    mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2).real
-    value = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-    return {"fid": round(value, 3), "fid_samples": len(generated)}
+    digest = weights_digest(c.inception_weights)
+    count = "all" if c.fid_reference_images is None else str(c.fid_reference_images)
+    key = f"{shards.version}-{split}-{count}-{side}px-{digest}"
+    mu_real, sigma_real, cached = reference_statistics(store.cache_dir("fid"), key, real, features)
+    value = frechet_distance(*statistics(features(generated)), mu_real, sigma_real)
+    return {"fid": round(value, 3), "fid_samples": len(generated),
+            "fid_protocol": f"FID-{len(generated)} at {side} px against {count} {split} images of {shards.ref} "
+                            f"at {side} px; Inception-v3 pool3 (torch-fidelity, weights {digest}), TF-style resize "
+                            f"to 299; reference statistics {'from the cache' if cached else 'computed'}"}
 
 
 def _grid(images: list[Image.Image], captions: list[str], path, per_row: int = 8) -> None:
@@ -227,8 +237,8 @@ def run(ctx: StageContext) -> Artifact:
                              **(graded(other) if demo else {})})
             if demo:
                 metrics.update({f"alignment_{p}_guide{scale:g}": guidance[-1][p] for p in PARTS})
-    metrics.update(clip_score(images, captions, c))
-    metrics.update(fid(images, [s["image"] for s in samples], c.inception_weights))
+    metrics.update(clip_score(images, captions, c, pipe.device))
+    metrics.update(fid(images, inputs["shards"], split, c, ctx.store, pipe.device))
     for kind, key in (("vqgan-low", "psnr"), ("vqgan-high", "psnr"), ("decoder", "new_psnr")):
         metrics[f"{kind}_val_psnr"] = metric(inputs[kind], key)
     columns = TokensSchema.of(inputs["tokens"].path).geometry  # no seg_tokens without scene maps

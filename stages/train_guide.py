@@ -27,9 +27,10 @@ from muse.datasets.shards import shard_files
 from muse.datasets.stream import iter_tar
 from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.guidance import features_at, steer
+from muse.lora import load_trained
 from muse.masking import mask_tokens, sample_mask_rate
 from muse.models.guide import GuideHead, GuideSpec, pooled_text, save_guide
-from muse.models.transformer import MaskedTransformer, load_transformer
+from muse.models.transformer import MaskedTransformer
 from muse.sample_grid import SampleGrid
 from muse.stage import StageContext
 from muse.training import TrainLoop, seeded
@@ -233,7 +234,7 @@ def run(ctx: StageContext) -> Artifact:
     config, inputs, device = ctx.config, ctx.inputs, ctx.device
     c = config.train_guide
     base_artifact, tokens = inputs["base"], inputs["tokens"]
-    base, _ = load_transformer(base_artifact.path)
+    base = load_trained(ctx.store, base_artifact)
     base.to(device)
     if base.spec.cond_codebook_size:
         raise ConfigError(f"{base_artifact.ref}: train-guide guides a base transformer, not a super-res one")

@@ -26,14 +26,14 @@ from PIL import Image
 from torch import nn
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact
-from muse.config import PipelineConfig, TrainConfig, VQLossConfig, VQModelConfig
+from muse.config import ConfigError, PipelineConfig, TrainConfig, VQLossConfig, VQModelConfig
 from muse.datasets.decode import image_decoder, scene_decoder
 from muse.datasets.labels import build_label_space, palette
 from muse.datasets.segments import details as scene_details
 from muse.datasets.segments import scene_maps_of
 from muse.datasets.stream import batches, iter_tar, sample_stream
 from muse.models.image_loss import ImageLoss, lpips_status, perceptual_loss, psnr
-from muse.models.vqgan import VQModel, save_pretrained
+from muse.models.vqgan import VQModel, from_pretrained, save_pretrained
 from muse.stage import OutputSpec, StageContext
 from muse.training import TrainLoop, seed_everything
 
@@ -41,6 +41,8 @@ NAME = "train-vqgan"
 INPUTS: tuple[str, ...] = ("shards", "segments")
 OUTPUTS: tuple[str, ...] = ("vqgan-low", "vqgan-high", "vqseg")
 CODE_VERSION = "2"
+
+TOKENIZERS = {"vqgan-low": "low", "vqgan-high": "high", "vqseg": "seg"}  # output kind -> its config section
 
 log = logging.getLogger("muse.stages.train_vqgan")
 
@@ -53,18 +55,40 @@ def config_of(config: PipelineConfig) -> dict:
 
 def outputs(config: PipelineConfig, input_versions: dict[str, str]) -> dict[str, OutputSpec]:
     """Each tokenizer is versioned on what it reads: its own model knobs (those its quantizer and architecture
-    read), its loop settings and losses, and its data. The image tokenizers read `shards` only, so re-segmenting
-    or changing the scene tokenizer leaves them (and everything made from them) as they are."""
+    read), its loop settings and losses, and its data, plus the artifact it warm-starts from (`init`), which its
+    manifest then lists among its inputs. The image tokenizers read `shards` only, so re-segmenting or changing the
+    scene tokenizer leaves them (and everything made from them) as they are."""
     c = config.train_vqgan
+
+    def inputs(name: str, data: dict[str, str]) -> dict[str, str]:
+        init = c.init[name] if name in c.init else None
+        return data | ({init.partition(":")[0]: init.partition(":")[2]} if init else {})
+
     image = {"shards": input_versions["shards"]}
     specs = {kind: OutputSpec({"tokenizer": getattr(c, name).versioned(), "loss": c.loss.model_dump(mode="json"),
-                               "train": c.train_for(name).versioned()}, image)
+                               "train": c.train_for(name).versioned()}, inputs(name, image))
              for kind, name in (("vqgan-low", "low"), ("vqgan-high", "high"))}
     specs["vqseg"] = OutputSpec({"tokenizer": c.seg.versioned(), "train": c.train_for("seg").versioned(),
                                  "face_class_weight": c.face_class_weight,
                                  "dataset_classes": list(config.segment.dataset_classes)},
-                                {"segments": input_versions["segments"]})
+                                inputs("seg", {"segments": input_versions["segments"]}))
     return specs
+
+
+def warm_start(ctx: StageContext, name: str, kind: str, model: VQModel) -> None:
+    """Load the weights `train_vqgan.init.<name>` names into `model`, whose architecture they must fit."""
+    c = ctx.config.train_vqgan
+    if name not in c.init:
+        return
+    key = f"train_vqgan.init.{name}"
+    trained = from_pretrained(ctx.warm_start_artifact(key, c.init[name], kind).path)
+    theirs, ours = trained.state_dict(), model.state_dict()
+    differ = [f"{k} {tuple(theirs[k].shape) if k in theirs else 'missing'} != {tuple(v.shape)}"
+              for k, v in ours.items() if k not in theirs or theirs[k].shape != v.shape]
+    if differ or theirs.keys() != ours.keys():
+        raise ConfigError(f"{key} {c.init[name]!r}: its architecture is not the one train_vqgan.{name} builds "
+                          f"({'; '.join(differ[:3]) or 'other layers'}, theirs first)")
+    model.load_state_dict(theirs)
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -200,7 +224,9 @@ def _train_one(ctx: StageContext, kind: str, model_cfg: VQModelConfig, train_cfg
         out.metrics = {**metrics, "steps": loop.step}
         out.details = {"resolution": model_cfg.resolution, "token_side": model_cfg.token_side,
                        "codebook_size": model_cfg.codebook_size, "val_split": "val" if val_files else "train",
-                       **({} if scene else {"lpips": lpips_status(ctx.config.train_vqgan.loss)})}
+                       **({} if scene else {"lpips": lpips_status(ctx.config.train_vqgan.loss)}),
+                       **({"init": init[TOKENIZERS[kind]]} if TOKENIZERS[kind] in (init := ctx.config.train_vqgan.init)
+                          else {})}
     log.info("%s: val %s", kind, metrics)
     return out.artifact
 
@@ -222,7 +248,9 @@ def run(ctx: StageContext) -> list[Artifact]:
             out.append(done)
             continue
         seed_everything(c.train.seed)
-        objective = ImageObjective(VQModel(model_cfg).to(device), c.loss, perceptual)
+        model = VQModel(model_cfg)
+        warm_start(ctx, tokenizer, kind, model)
+        objective = ImageObjective(model.to(device), c.loss, perceptual)
         for module in objective.modules.values():
             module.to(device)
         out.append(_train_one(ctx, kind, model_cfg, c.train_for(tokenizer), objective, shards,
@@ -242,7 +270,9 @@ def run(ctx: StageContext) -> list[Artifact]:
         channels = space.size + 1
         weights = torch.tensor([c.face_class_weight if g == "face" else 1.0 for g in space.groups])
         seed_everything(c.train.seed)
-        model = VQModel(c.seg, channels, channels).to(device)
+        model = VQModel(c.seg, channels, channels)
+        warm_start(ctx, "seg", "vqseg", model)
+        model.to(device)
         out.append(_train_one(ctx, "vqseg", c.seg, c.train_for("seg"), SceneObjective(model, weights), segments,
                               scene_decoder(c.seg.resolution, space.size), channels,
                               {"input": "one-hot labels then edge", "label_space": space.to_json()}))

@@ -106,3 +106,24 @@ def trained_store(pipeline_store):
     arts["decoder"] = execute(finetune_decoder, cfg, arts, store)
     arts["report"] = execute(evaluate, cfg, arts, store)
     return cfg, store, arts
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """A weights file of the FID Inception network, randomly initialised (the real one cannot be downloaded
+    here): the distances it gives mean nothing, but a set is still at 0 from itself and far from noise."""
+    from unittest import mock
+
+    import torch
+    from torch_fidelity import feature_extractor_inceptionv3 as fx
+
+    with mock.patch.object(fx, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fx.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        torch.manual_seed(0)
+        net = fx.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for m in net.modules():  # He init keeps the activations' scale through ~90 conv layers (the default shrinks it)
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path

@@ -309,8 +309,136 @@ def test_train_base_warm_starts_from_a_trained_base_and_lists_it_in_its_lineage(
 
     with pytest.raises(ConfigError, match=r"train_base.init 'base:000000000000': no such artifact"):
         run(init="base:000000000000")
-    with pytest.raises(ConfigError, match=r"train_base.init 'superres:.*': this stage trains a base transformer"):
+    with pytest.raises(ConfigError, match=r"train_base.init 'superres:.*': this trains a base model"):
         run(init=f"superres:{arts['superres'].version}")
     wider = cfg.train_base.model.model_copy(update={"dim": 48})
     with pytest.raises(ConfigError, match=r"train_base.init .*architecture is not the one this run builds \(dim 32 != 48"):
         run(init=f"base:{start.version}", model=wider)
+
+
+def test_lora_trains_only_the_adapters_and_loads_back_on_its_base(trained_store, tmp_path):
+    """`train_base.lora` on top of `init` trains the adapters alone (every other weight of the base stays
+    bit-identical), commits only them, and loads back on its base, in the sampler and with plain peft."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from muse.artifacts.store import ArtifactStore
+    from muse.config import LoraConfig
+    from muse.lora import ADAPTER_WEIGHTS, adapter_state, load_adapter, load_trained
+    from muse.stages import train_base
+
+    cfg, _, arts = trained_store
+    store = ArtifactStore(tmp_path / "store")
+    for kind in ("base", "vqgan-low"):
+        shutil.copytree(arts[kind].path, store.root / kind / arts[kind].version)
+    start = store.get("base", arts["base"].version)
+    section = cfg.train_base.model_copy(update={"init": start.ref, "lora": LoraConfig(rank=2)})
+    lora = execute(train_base, cfg.model_copy(update={"train_base": section}), {"tokens": arts["tokens"]}, store)
+
+    assert not (lora.path / "model.safetensors").exists() and lora.manifest.inputs["base"] == start.version
+    size = (lora.path / ADAPTER_WEIGHTS).stat().st_size
+    assert size < (start.path / "model.safetensors").stat().st_size / 4
+    m = lora.manifest.metrics
+    assert 0 < m["trained_parameters"] < m["parameters"] / 4
+    # unmerged: the base's weights untouched, the adapters trained away from peft's B = 0 start
+    base_state = load_transformer(start.path)[0].state_dict()
+    unmerged = load_adapter(load_transformer(start.path)[0], lora.path)
+    for name, value in unmerged.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(value, base_state[name.replace(".base_layer", "")]), name
+    assert any(v.abs().sum() > 0 for k, v in adapter_state(unmerged).items() if "lora_B" in k)
+    saved = load_file(str(lora.path / ADAPTER_WEIGHTS))
+    assert saved.keys() == adapter_state(unmerged).keys()
+    assert all(torch.equal(saved[k], v) for k, v in adapter_state(unmerged).items())  # bit-identical round trip
+    # merged in the sampler: only the adapted projections moved
+    merged = load_trained(store, lora).state_dict()
+    assert merged.keys() == base_state.keys()
+    moved = {k for k in merged if not torch.equal(merged[k], base_state[k])}
+    assert moved and all(k.rsplit(".", 2)[-2] in ("qkv", "q", "kv", "out") for k in moved)
+    images = TextToImage(store, device="cpu", pins={"base": lora})(["a red circle"], steps=2)
+    assert images[0].size[0] > 0
+    # the negative control: the same run without lora trains every weight and writes full weights
+    full = execute(train_base, cfg.model_copy(update={"train_base": section.model_copy(update={"lora": None})}),
+                   {"tokens": arts["tokens"]}, store)
+    assert (full.path / "model.safetensors").is_file()
+    assert full.manifest.metrics["trained_parameters"] == full.manifest.metrics["parameters"]
+    # exported: the merged weights load without the store, the adapters travel beside them
+    from muse import from_pretrained
+    from muse.export import export
+
+    out = export(store, lora.ref, tmp_path / "export")
+    assert (out / ADAPTER_WEIGHTS).is_file() and "LoRA adapters trained on `base:" in (out / "README.md").read_text()
+    exported = from_pretrained(out).state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in merged.items())
+
+
+def test_a_tokenizer_warm_starts_from_a_trained_one_and_lists_it_in_its_lineage(pipeline_store, tmp_path):
+    """`train_vqgan.init.low: vqgan-low:VERSION` begins vqgan-low from that tokenizer's weights (a near-zero
+    learning rate leaves them there; from random weights it would not) and pins it in version and lineage; the
+    other tokenizers start as before; another kind, an unknown version or another architecture are refused."""
+    import shutil
+
+    from muse.artifacts.store import ArtifactStore
+    from muse.config import ConfigError
+    from muse.stages import train_vqgan
+
+    cfg, _, arts = pipeline_store
+    store = ArtifactStore(tmp_path / "store")
+    for kind in ("shards", "segments", "vqgan-low", "vqgan-high"):
+        shutil.copytree(arts[kind].path, store.root / kind / arts[kind].version)
+    start = store.get("vqgan-low", arts["vqgan-low"].version)
+    slow = cfg.train_vqgan.train.model_copy(update={"lr": 1e-12, "warmup_steps": 0, "seed": 1})
+
+    def run(**update):
+        section = cfg.train_vqgan.model_copy(update={"train": slow, **update})
+        made = execute(train_vqgan, cfg.model_copy(update={"train_vqgan": section}),
+                       {k: arts[k] for k in ("shards", "segments")}, store)
+        return {a.kind: a for a in made}
+
+    warm = run(init={"low": start.ref})
+    low = warm["vqgan-low"]
+    assert low.manifest.inputs["vqgan-low"] == start.version and low.manifest.details["init"] == start.ref
+    assert "vqgan-low" not in warm["vqgan-high"].manifest.inputs and "init" not in warm["vqgan-high"].manifest.details
+    trained = from_pretrained(start.path).state_dict()
+    # the codebook moves by its EMA update whatever the learning rate: it is compared by distance below
+    warm_state = from_pretrained(low.path).state_dict()
+    assert all(torch.allclose(v, trained[k], atol=1e-6) for k, v in warm_state.items() if not k.startswith("quantizer."))
+    cold = run()["vqgan-low"]  # the negative control: the same run from random weights
+    assert cold.version != low.version
+    cold_state = from_pretrained(cold.path).state_dict()
+    assert not all(torch.allclose(v, trained[k], atol=1e-3) for k, v in cold_state.items() if not k.startswith("quantizer."))
+    codebook = "quantizer._codebook.embed"
+    assert (warm_state[codebook] - trained[codebook]).abs().mean() < (cold_state[codebook] - trained[codebook]).abs().mean()
+
+    with pytest.raises(ConfigError, match=r"train_vqgan.init.low 'vqgan-low:000000000000': no such artifact"):
+        run(init={"low": "vqgan-low:000000000000"})
+    with pytest.raises(ConfigError, match=r"train_vqgan.init.high 'vqgan-low:.*': this trains a vqgan-high model"):
+        run(init={"high": start.ref})
+    wider = cfg.train_vqgan.low.model_copy(update={"ch": cfg.train_vqgan.low.ch * 2})
+    with pytest.raises(ConfigError, match=r"train_vqgan.init.low .*architecture is not the one train_vqgan.low builds"):
+        run(init={"low": start.ref}, low=wider)
+
+
+def test_evaluate_reports_fid_on_the_fid_network_with_its_protocol(trained_store, inception_weights, tmp_path):
+    """With Inception weights, the report has FID and says how it was measured; the real images' statistics are
+    cached per dataset version and resolution, so the next evaluation of the same data reads them back."""
+    import shutil
+
+    from muse.artifacts.store import ArtifactStore
+    from muse.stages import evaluate
+
+    cfg, _, arts = trained_store
+    store = ArtifactStore(tmp_path / "store")
+    for art in arts.values():
+        shutil.copytree(art.path, store.root / art.kind / art.version)
+    with_fid = cfg.evaluate.model_copy(update={"inception_weights": str(inception_weights)})
+    report = execute(evaluate, cfg.model_copy(update={"evaluate": with_fid}), arts, store)
+    m = report.manifest.metrics
+    assert m["fid"] > 0 and m["fid_samples"] == 4 and "fid_skipped" not in m
+    assert m["fid_protocol"].startswith(f"FID-4 at 32 px against all val images of shards:{arts['shards'].version}")
+    assert m["fid_protocol"].endswith("computed") and "open_clip ViT-B-32" in m["clip_protocol"]
+    assert len(list(store.cache_dir("fid").glob("*.npz"))) == 1
+    again = with_fid.model_copy(update={"num_prompts": 3})
+    m = execute(evaluate, cfg.model_copy(update={"evaluate": again}), arts, store).manifest.metrics
+    assert m["fid_protocol"].startswith("FID-3") and m["fid_protocol"].endswith("from the cache")
