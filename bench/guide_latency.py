@@ -20,7 +20,8 @@ from timing import device_and_autocast
 
 from muse.config import SamplerConfig
 from muse.guidance import steer
-from muse.models.guide import GuideHead, GuideSpec, pooled_text
+from muse.models.guide import GuideHead, GuideSpec
+from muse.models.text import pooled_text
 from muse.models.transformer import MaskedTransformer, TransformerSpec
 from muse.sampling import decode
 

@@ -41,3 +41,16 @@ def read_samples(root: Path, split: str) -> Iterator[dict]:
             "info": json.loads(s["json"]),
             "panoptic": Image.open(io.BytesIO(s["panoptic.png"])).convert("RGB") if "panoptic.png" in s else None,
         }
+
+
+def metadata_value(info: dict, field: str):
+    """The value at a dotted path of a sample's metadata (list items by index); None when absent."""
+    node = info
+    for part in field.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node

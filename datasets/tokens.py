@@ -64,6 +64,8 @@ def _rows(table: pa.Table, text_shape: tuple[int, int] | None) -> list[dict]:
             cols[name] = torch.from_numpy(flat.reshape(n, *text_shape))
         elif name == "text_len":
             cols[name] = torch.from_numpy(column.to_numpy().astype(np.int64))
+        elif name == "micro_conds":
+            cols[name] = torch.from_numpy(column.values.to_numpy().astype(np.float32).reshape(n, -1))
         else:
             cols[name] = column.to_pylist()
     return [{k: v[i] for k, v in cols.items()} for i in range(n)]
@@ -93,6 +95,18 @@ class TokenTable:
 
     def __len__(self) -> int:
         return self.num_rows
+
+    def column(self, name: str, limit: int) -> np.ndarray:
+        """One fixed-size-list column of the first `limit` rows, as a [rows, size] array, without decoding rows."""
+        out, rows = [], 0
+        for group in self.groups:
+            if rows >= limit:
+                break
+            column = pq.ParquetFile(group.file, memory_map=True).read_row_group(group.index, columns=[name])
+            values = column.column(name).combine_chunks()
+            out.append(values.values.to_numpy(zero_copy_only=False).reshape(group.rows, -1))
+            rows += group.rows
+        return np.concatenate(out)[:limit]
 
     def read_group(self, group: RowGroup) -> list[dict]:
         table = pq.ParquetFile(group.file, memory_map=True).read_row_group(group.index, columns=self.columns)

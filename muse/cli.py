@@ -43,6 +43,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guide-scale", type=float, help="mid-layer guidance of the base pass by the trained guide; "
                    "0 = off, negative steers away" + trained)
     p.add_argument("--guide-label", help="with a guide trained on labels: the class steered towards")
+    p.add_argument("--micro", metavar="NAME=VALUE", action="append", default=[],
+                   help="a micro-condition for models trained with them, e.g. aesthetic=6.5 or original_width=1024 "
+                        "(repeatable; default: the training rows' medians)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-superres", action="store_true", help="decode the base tokens with vqgan-low")
 
@@ -65,9 +68,19 @@ def _sampling(pipe, args: argparse.Namespace):
 
     s = pipe.sampling
     guide = {k: v for k, v in (("scale", args.guide_scale), ("label", args.guide_label)) if v is not None}
-    return SamplingConfig(base=apply(s.base, args.steps, args.guidance_scale),
-                          superres=apply(s.superres, args.superres_steps, args.superres_guidance_scale),
-                          guide=s.guide.model_copy(update=guide))
+    micro = {}
+    for item in args.micro:
+        name, _, value = item.partition("=")
+        try:
+            micro[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--micro {item!r}: expected NAME=NUMBER") from None
+    try:
+        return SamplingConfig(base=apply(s.base, args.steps, args.guidance_scale),
+                              superres=apply(s.superres, args.superres_steps, args.superres_guidance_scale),
+                              guide=s.guide.model_copy(update=guide), micro=s.micro | micro)
+    except ValidationError as e:
+        raise ConfigError(f"--micro: {e.errors()[0]['loc'][-1]!r}: {e.errors()[0]['msg']}") from None
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:

@@ -370,6 +370,9 @@ class TokenizeConfig(Section):
     precompute_text: bool = Field(True, description="Store text embeddings in the parquet rows.")
     batch_size: int = Field(64, ge=1, description="Images per encoder call.")
     row_group_size: int = Field(4096, ge=1, description="Rows per parquet row group.")
+    aesthetic_field: str | None = Field(None, description=(
+        "Dotted path of an aesthetic score in each sample's metadata JSON (a source column rides along under "
+        "source_info, e.g. source_info.aesthetic), stored in micro_conds; None = no score (NaN)."))
     concurrency: int = Field(1, ge=1, description="Encoder actors (each holds the VQ encoders and text encoder).")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each encoder actor reserves (its torch threads).")
     num_gpus: float | None = Field(None, ge=0, description="GPUs per encoder actor; None = 1 when the cluster has GPUs, else 0.")
@@ -386,6 +389,20 @@ class TransformerConfig(Section):
         "Super-res only: also add the encoded low-res tokens, upsampled to the high-res grid, to the input "
         "embeddings (besides the cross-attention memory of the paper). Each high-res token then sees the "
         "low-res token it refines at its own position."))
+    pooled_text: bool = Field(False, description=(
+        "Give the memory a global token made from the pooled caption embedding (aMUSEd), the masked mean of its "
+        "token embeddings; it is hidden with the text when the text is dropped."))
+    micro_conditions: list[Literal["original_size", "crop", "aesthetic"]] = Field([], description=(
+        "Micro-conditions (per-image facts from the tokens' micro_conds column) in the global token: the size "
+        "before resizing, the crop's top-left corner, the aesthetic score. Generation passes the values wanted "
+        "(default: the training rows' medians)."))
+
+    @field_validator("micro_conditions")
+    @classmethod
+    def _each_condition_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"names a condition twice: {value}")
+        return value
 
 
 class LoraConfig(Section):
@@ -493,6 +510,9 @@ class SamplingConfig(Section):
                                     description="The super-res pass (high-res tokens from the low-res ones).")
     guide: GuideSamplingConfig = Field(default_factory=GuideSamplingConfig,
                                        description="Mid-layer guidance of the base pass.")
+    micro: dict[Literal["original_width", "original_height", "crop_top", "crop_left", "aesthetic"], float] = Field(
+        {}, description="Micro-conditions asked of transformers trained with model.micro_conditions (e.g. "
+        "{aesthetic: 6.5, crop_top: 0, crop_left: 0}); a name left out takes the training rows' median.")
 
 
 class EvaluateConfig(Section):

@@ -70,6 +70,7 @@ class TokensSchema(Record):
 
     geometry: dict[str, TokenGeometry]
     text: TextEmbeddings | None  # None: embeddings are computed at training time
+    columns: dict[str, str] = {}  # column -> arrow type; absent in the oldest artifacts
 
     @classmethod
     def of(cls, tokens_dir) -> "TokensSchema":
@@ -90,6 +91,7 @@ class TransformerRecord(Record):
     tokenizers: dict[str, str]  # token column -> "kind:version"
     sampling: SamplerConfig | None = None  # the pass it was trained to be sampled with; absent before it was recorded
     adapter_of: str | None = None  # a LoRA adapter: "kind:version" of the weights it adapts; None = full weights
+    micro_defaults: dict[str, float | None] | None = None  # micro-conditioned: the training rows' medians by name
 
     @classmethod
     def of(cls, model_dir) -> "TransformerRecord":

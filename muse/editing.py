@@ -91,13 +91,15 @@ def scene_tokens(vq_seg: VQModel, labels: np.ndarray, edges: np.ndarray | None =
 @torch.no_grad()
 def token_log_likelihood(pipe: TextToImage, model, tokens: torch.Tensor, prompt: str, negative: str | None,
                          guidance_scale: float, generator: torch.Generator, groups: int = 4,
-                         cond: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(token | prompt, the other tokens) for every position [1, N], under the guided logits. Positions are
+                         cond: torch.Tensor | None = None, micro: dict[str, float] | None = None) -> torch.Tensor:
+    """log p(token | prompt, the other tokens) for every position [1, N], under the guided logits (`micro`: the
+    micro-conditions asked, see `TextToImage.micro_values`). Positions are
     split at random into `groups`; each group is masked in turn (a 1/groups mask rate, as the model trained on)."""
     n = tokens.shape[1]
     with pipe.precision():
         negatives = None if negative is None else [negative]
-        memory, mask, u_memory, u_mask = pipe.guidance_memories(model, [prompt], negatives, cond)
+        memory, mask, u_memory, u_mask = pipe.guidance_memories(model, [prompt], negatives, cond,
+                                                                micro=pipe.micro_values(model, micro))
         mem, mem_mask = torch.cat([memory, u_memory]), torch.cat([mask, u_mask])
         kv = model.memory_kv(mem)
         group = torch.randperm(n, generator=generator, device=tokens.device) % groups
@@ -145,7 +147,7 @@ def edit_tokens(pipe: TextToImage, image: Image.Image, prompt: str, mask: Image.
     Returns tokens_low (and tokens_high with super-res) plus the original grids as `original_low/high`."""
     sampling = pipe.resolve_sampling(sampling, steps, superres_steps, guidance_scale, superres_guidance_scale,
                                      guide_scale)
-    sampler, steps, guide = sampling.base, sampling.base.steps, sampling.guide
+    sampler, steps, guide, micro = sampling.base, sampling.base.steps, sampling.guide, sampling.micro
     gen = torch.Generator(pipe.device).manual_seed(seed)
     neg = None if negative is None else [negative]
     low_side = pipe.vq_low.cfg.token_side
@@ -156,13 +158,13 @@ def edit_tokens(pipe: TextToImage, image: Image.Image, prompt: str, mask: Image.
     if mask is not None:
         edit = token_mask(mask, low_side).to(pipe.device)
         low = pipe.sample_tokens(pipe.base, [prompt], neg, sampler, gen, tokens=original_low.masked_fill(edit, mask_id),
-                                 guide=guide)
+                                 guide=guide, micro=micro)
     elif strength is not None:
         edit, left = img2img_mask(original_low.shape[1], strength, steps, gen)
         low = original_low
         if edit.any():
             low = pipe.sample_tokens(pipe.base, [prompt], neg, sampler.model_copy(update={"steps": left}), gen,
-                                     tokens=original_low.masked_fill(edit, mask_id), guide=guide)
+                                     tokens=original_low.masked_fill(edit, mask_id), guide=guide, micro=micro)
     else:
         if not 0 < mask_free_fraction < 1:
             raise ValueError(f"mask_free_fraction must be in (0, 1), got {mask_free_fraction}")
@@ -170,11 +172,12 @@ def edit_tokens(pipe: TextToImage, image: Image.Image, prompt: str, mask: Image.
         k = max(1, round(mask_free_fraction * low.shape[1]))
         per_round = max(2, steps // max(1, mask_free_iterations))
         for _ in range(mask_free_iterations):
-            score = token_log_likelihood(pipe, pipe.base, low, prompt, negative, sampler.guidance_scale, gen)
+            score = token_log_likelihood(pipe, pipe.base, low, prompt, negative, sampler.guidance_scale, gen,
+                                         micro=micro)
             worst = torch.zeros_like(low, dtype=torch.bool)
             worst[0, score[0].argsort()[:k]] = True
             low = pipe.sample_tokens(pipe.base, [prompt], neg, sampler.model_copy(update={"steps": per_round}), gen,
-                                     tokens=low.masked_fill(worst, mask_id), guide=guide)
+                                     tokens=low.masked_fill(worst, mask_id), guide=guide, micro=micro)
     out = {"tokens_low": low, "original_low": original_low}
     if superres and pipe.superres is not None:
         high_side = pipe.vq_high.cfg.token_side
@@ -186,5 +189,6 @@ def edit_tokens(pipe: TextToImage, image: Image.Image, prompt: str, mask: Image.
         out["tokens_high"] = original_high
         if redo.any():
             out["tokens_high"] = pipe.sample_tokens(pipe.superres, [prompt], neg, sampling.superres,
-                                                    gen, cond=low, tokens=original_high.masked_fill(redo, mask_id))
+                                                    gen, cond=low, tokens=original_high.masked_fill(redo, mask_id),
+                                                    micro=micro)
     return out

@@ -10,6 +10,8 @@ every call. A `guide` artifact trained for the loaded base is loaded too: with a
 
 from __future__ import annotations
 
+import math
+
 import torch
 from PIL import Image
 
@@ -19,7 +21,9 @@ from muse.contracts import TransformerRecord
 from muse.distributed import autocast
 from muse.guidance import steer
 from muse.lora import load_trained
-from muse.models.guide import GuideHead, load_guide, pooled_text
+from muse.micro_conditions import NAMES as MICRO_NAMES
+from muse.models.guide import GuideHead, load_guide
+from muse.models.text import pooled_text
 from muse.models.text import load_text_encoder
 from muse.models.transformer import MaskedTransformer
 from muse.models.vqgan import from_pretrained, load_decoder
@@ -45,6 +49,7 @@ class TextToImage:
         self.base = load_trained(store, base)
         self.base.to(self.device)
         record = TransformerRecord.of(base.path)
+        self.micro_defaults = {"base": record.micro_defaults or {}, "superres": {}}  # medians of the training rows
         self.sampling = SamplingConfig(base=record.sampling or SamplingConfig().base)
         self.lineage = {"base": base.version}
         self.text = load_text_encoder(record.text_encoder, self.device)
@@ -72,6 +77,7 @@ class TextToImage:
             self.superres = load_trained(store, sr)
             self.superres.to(self.device)
             sr_record = TransformerRecord.of(sr.path)
+            self.micro_defaults["superres"] = sr_record.micro_defaults or {}
             self.sampling = self.sampling.model_copy(
                 update={"superres": sr_record.sampling or SamplingConfig().superres})
             high = store.resolve(sr_record.tokenizers["tokens_high"])
@@ -85,22 +91,33 @@ class TextToImage:
     def resolve_sampling(self, sampling: SamplingConfig | None = None, steps: int | None = None,
                          superres_steps: int | None = None, guidance_scale: float | None = None,
                          superres_guidance_scale: float | None = None,
-                         guide_scale: float | None = None) -> SamplingConfig:
-        """`sampling` (default: the trained transformers' own settings) with the given knobs replaced."""
+                         guide_scale: float | None = None, micro: dict[str, float] | None = None) -> SamplingConfig:
+        """`sampling` (default: the trained transformers' own settings) with the given knobs replaced (`micro`:
+        merged over its micro-conditions)."""
         sampling = sampling or self.sampling
         base = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance_scale)) if v is not None}
         sr = {k: v for k, v in (("steps", superres_steps), ("guidance_scale", superres_guidance_scale)) if v is not None}
         guide = {} if guide_scale is None else {"scale": guide_scale}
         return SamplingConfig(base=sampling.base.model_copy(update=base), superres=sampling.superres.model_copy(update=sr),
-                              guide=sampling.guide.model_copy(update=guide))
+                              guide=sampling.guide.model_copy(update=guide), micro=sampling.micro | (micro or {}))
 
     @classmethod
     def from_store(cls, store: ArtifactStore, device: torch.device | str | None = None,
                    pins: dict[str, Artifact | None] | None = None) -> "TextToImage":
         return cls(store, device, pins)
 
+    def micro_values(self, model: MaskedTransformer, asked: dict[str, float]) -> torch.Tensor | None:
+        """[1, 5] micro-conditions for `model`: those asked, else its training rows' medians (NaN: unknown); None
+        for a model trained without them."""
+        if not model.spec.micro_conditions:
+            return None
+        defaults = self.micro_defaults["base" if model is self.base else "superres"]
+        values = [asked[n] if n in asked else defaults[n] if defaults.get(n) is not None else math.nan
+                  for n in MICRO_NAMES]
+        return torch.tensor([values], device=self.device)
+
     def _memory(self, model: MaskedTransformer, prompts: list[str], cond: torch.Tensor | None = None,
-                drop: bool = False, scene: torch.Tensor | None = None):
+                drop: bool = False, scene: torch.Tensor | None = None, micro: torch.Tensor | None = None):
         emb, mask = self.text.encode(prompts)
         length = min(emb.shape[1], self.max_length)
         # Pad to max_length so prompt and negative-prompt memories batch together (padding is masked).
@@ -113,19 +130,22 @@ class TextToImage:
             mask = torch.zeros_like(mask)
         if scene is not None:
             scene = scene.expand(emb.shape[0], -1)
-        return model.memory(emb, mask, cond, scene)
+        if micro is not None:
+            micro = micro.expand(emb.shape[0], -1)
+        return model.memory(emb, mask, cond, scene, micro)
 
     def sample_tokens(self, model: MaskedTransformer, prompts: list[str], negative: list[str] | None,
                       cfg: SamplerConfig, generator: torch.Generator, cond: torch.Tensor | None = None,
                       tokens: torch.Tensor | None = None, scene: torch.Tensor | None = None,
-                      guide: GuideSamplingConfig | None = None) -> torch.Tensor:
+                      guide: GuideSamplingConfig | None = None, micro: dict[str, float] | None = None) -> torch.Tensor:
         """Token grids by iterative decoding; the scene (a layout) conditions both guidance branches, only the text
-        is dropped. `guide` (base model only) steers the pass with this pipeline's guide head."""
+        is dropped. `guide` (base model only) steers the pass with this pipeline's guide head; `micro`: the
+        micro-conditions asked (`micro_values`)."""
         scale = 0.0 if guide is None else guide.scale
         if scale and (self.guide is None or model is not self.base):
             raise ConfigError("sampling.guide.scale: no guide for this model (run `muse run train-guide` for the base)")
         with self.precision(), steer(model, self.guide, self.guide_condition(prompts, guide), scale):
-            memories = self.guidance_memories(model, prompts, negative, cond, scene)
+            memories = self.guidance_memories(model, prompts, negative, cond, scene, self.micro_values(model, micro or {}))
             return decode(model, *memories, cfg, generator, tokens)
 
     def guide_condition(self, prompts: list[str], guide: GuideSamplingConfig | None) -> torch.Tensor | None:
@@ -145,14 +165,16 @@ class TextToImage:
         return None
 
     def guidance_memories(self, model: MaskedTransformer, prompts: list[str], negative: list[str] | None,
-                          cond: torch.Tensor | None = None, scene: torch.Tensor | None = None):
+                          cond: torch.Tensor | None = None, scene: torch.Tensor | None = None,
+                          micro: torch.Tensor | None = None):
         """(memory, mask, uncond memory, uncond mask) for classifier-free guidance: the negative prompts' memory
-        is the unconditional branch when given, else the prompts' memory with the text dropped."""
-        memory, mask = self._memory(model, prompts, cond, scene=scene)
+        is the unconditional branch when given, else the prompts' memory with the text dropped; the scene and the
+        micro-conditions condition both."""
+        memory, mask = self._memory(model, prompts, cond, scene=scene, micro=micro)
         if negative is not None:
-            u_memory, u_mask = self._memory(model, negative, cond, scene=scene)
+            u_memory, u_mask = self._memory(model, negative, cond, scene=scene, micro=micro)
         else:
-            u_memory, u_mask = self._memory(model, prompts, cond, drop=True, scene=scene)
+            u_memory, u_mask = self._memory(model, prompts, cond, drop=True, scene=scene, micro=micro)
         return memory, mask, u_memory, u_mask
 
     def precision(self) -> torch.autocast:
@@ -166,7 +188,8 @@ class TextToImage:
                         superres_steps: int | None = None, guidance_scale: float | None = None,
                         superres_guidance_scale: float | None = None, guide_scale: float | None = None,
                         superres: bool = True, scene: torch.Tensor | None = None,
-                        tokens_low: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                        tokens_low: torch.Tensor | None = None,
+                        micro: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
         """Base (then super-res) token grids for the prompts, sampled with `resolve_sampling(sampling, steps, ...)`;
         `scene` is [1, n] scene tokens (see `muse.editing.scene_tokens`) laid out for every prompt, for a base
         model trained with them. `tokens_low` [B, n]: upsample these low-res grids (e.g. a real image's) instead
@@ -174,11 +197,11 @@ class TextToImage:
         if scene is not None and self.vq_seg is None:
             raise ValueError("this base model was trained without scene tokens (train_base.scene_conditioning: false)")
         sampling = self.resolve_sampling(sampling, steps, superres_steps, guidance_scale, superres_guidance_scale,
-                                         guide_scale)
+                                         guide_scale, micro)
         gen = torch.Generator(self.device).manual_seed(seed)
         if tokens_low is None:
             low = self.sample_tokens(self.base, prompts, negative, sampling.base, gen, scene=scene,
-                                     guide=sampling.guide)
+                                     guide=sampling.guide, micro=sampling.micro)
         else:
             side = self.vq_low.cfg.token_side
             if tuple(tokens_low.shape) != (len(prompts), side * side):
@@ -189,7 +212,7 @@ class TextToImage:
         if superres and self.superres is not None:
             sr_scene = scene if self.superres.spec.scene_codebook_size else None
             out["tokens_high"] = self.sample_tokens(self.superres, prompts, negative, sampling.superres, gen, cond=low,
-                                              scene=sr_scene)
+                                                    scene=sr_scene, micro=sampling.micro)
         return out
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ from torch import nn
 from muse.config import SamplerConfig
 from muse.datasets.tokens import TokenTable, collate
 from muse.labelled_grid import label_grid
+from muse.micro_conditions import of_batch
 from muse.models.vqgan import from_pretrained
 from muse.sampling import decode
 
@@ -47,8 +48,9 @@ class SampleGrid:
         model.eval()
         emb, mask = self.text(self.batch)
         cond = self.batch[self.cond] if self.cond else None
-        memory, memory_mask = model.memory(emb, mask, cond)
-        uncond, uncond_mask = model.memory(emb, torch.zeros_like(mask), cond)
+        micro = of_batch(model, self.batch)
+        memory, memory_mask = model.memory(emb, mask, cond, None, micro)
+        uncond, uncond_mask = model.memory(emb, torch.zeros_like(mask), cond, None, micro)
         generator = torch.Generator(self.device).manual_seed(0)
         tokens = decode(model, memory, memory_mask, uncond, uncond_mask, self.sampler, generator)
         side = model.spec.side

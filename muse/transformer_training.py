@@ -33,6 +33,8 @@ from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.distributed import fit, rank_world, worker_device, wrap_ddp
 from muse.lora import apply_lora, load_trained, save_adapter
 from muse.masking import mask_tokens, sample_mask_rate
+from muse.micro_conditions import medians
+from muse.micro_conditions import of_batch as micro_of
 from muse.models.transformer import MaskedTransformer, TransformerSpec, save_transformer
 from muse.sample_grid import SampleGrid
 from muse.stage import OutputSpec, StageContext
@@ -41,6 +43,7 @@ from muse.training import TrainLoop, seeded
 log = logging.getLogger("muse.transformer_training")
 RATE_BUCKETS = ((0.0, 0.4), (0.4, 0.8), (0.8, 1.01))
 MAX_GRIDS = 4  # sample grids (the last checkpoints') copied into the artifact's previews
+MICRO_DEFAULT_ROWS = 100_000  # train rows whose micro-condition medians become generation's defaults
 TRAINED = "trained.safetensors"  # rank 0's final (EMA) weights in the work dir, read back by the driver
 
 
@@ -70,8 +73,8 @@ class MaskedLM(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs, text_emb, text_mask, cond_tokens, scene_tokens) -> torch.Tensor:
-        memory, memory_mask = self.model.memory(text_emb, text_mask, cond_tokens, scene_tokens)
+    def forward(self, inputs, text_emb, text_mask, cond_tokens, scene_tokens, micro=None) -> torch.Tensor:
+        memory, memory_mask = self.model.memory(text_emb, text_mask, cond_tokens, scene_tokens, micro)
         return self.model(inputs, memory, memory_mask)
 
 
@@ -106,10 +109,11 @@ class MaskedObjective:
         if scene is not None:  # -1 hides the scene: the model learns text-only generation too
             hidden = (torch.rand(b, generator=self.generator) < self.scene_drop_rate).to(tokens.device)
             scene = scene.masked_fill(hidden[:, None], -1)
-        logits = self.forward(inputs, emb, text_mask & keep[:, None], batch[self.cond] if self.cond else None, scene)
+        logits = self.forward(inputs, emb, text_mask & keep[:, None], batch[self.cond] if self.cond else None, scene,
+                              micro_of(self.model, batch))
         spec = self.model.spec
         self.memory_len = 1 + emb.shape[1] + (spec.cond_side ** 2 if self.cond else 0) + \
-            (spec.scene_side ** 2 if scene is not None else 0)
+            (spec.scene_side ** 2 if scene is not None else 0) + (1 if spec.global_width else 0)
         per_token = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none",
                                     label_smoothing=self.label_smoothing)
         loss = (per_token * mask).sum() / mask.sum()
@@ -141,7 +145,8 @@ def masked_accuracy(model: MaskedTransformer, table: TokenTable, target: str, te
         emb, text_mask = text(batch)
         for name, tm in (("text", text_mask), ("no_text", torch.zeros_like(text_mask))):
             memory, memory_mask = model.memory(emb, tm, batch[cond] if cond else None,
-                                               batch.get("seg_tokens") if model.spec.scene_codebook_size else None)
+                                               batch.get("seg_tokens") if model.spec.scene_codebook_size else None,
+                                               micro_of(model, batch))
             pred = model(inputs, memory, memory_mask).argmax(-1)
             hits[name] += int(((pred == tokens) & mask).sum())
         total += int(mask.sum())
@@ -222,7 +227,8 @@ def transformer_spec(model_cfg, geometry: dict[str, TokenGeometry], text_dim: in
         cond_side=geometry[cond].side if cond else 0, cond_depth=model_cfg.cond_depth,
         cond_aligned=bool(cond) and model_cfg.cond_aligned,
         scene_codebook_size=geometry["seg_tokens"].codebook_size if scene else 0,
-        scene_side=geometry["seg_tokens"].side if scene else 0)
+        scene_side=geometry["seg_tokens"].side if scene else 0,
+        pooled_text=model_cfg.pooled_text, micro_conditions=tuple(model_cfg.micro_conditions))
 
 
 def stage_config(config: PipelineConfig, section: str) -> dict:
@@ -280,8 +286,14 @@ def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: st
     text_dim = text_info.dim if precomputed else text.encoder.dim
     spec = transformer_spec(model_cfg, geometry, text_dim, target, cond, scene)
     work_dir = ctx.work_dir(kind)
+    micro_defaults = None
+    if spec.micro_conditions:
+        if "micro_conds" not in schema.columns:
+            raise ConfigError(f"{section}.model.micro_conditions needs the micro_conds column, which {tokens.ref} "
+                              f"lacks (an older tokenize wrote it): run tokenize again")
+        micro_defaults = medians(TokenTable(tokens.path, "train").column("micro_conds", MICRO_DEFAULT_ROWS))
     columns = ["key", "caption", target, *([cond] if cond else []), *(["seg_tokens"] if scene else []),
-               *(["text_emb", "text_len"] if precomputed else [])]
+               *(["text_emb", "text_len"] if precomputed else []), *(["micro_conds"] if spec.micro_conditions else [])]
     try:
         tokenizer_path = ctx.store.resolve(geometry[target].tokenizer).path
     except MissingArtifact:  # tokens copied from another store: train without sample grids
@@ -304,7 +316,7 @@ def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: st
     steps, workers, updated = (int(figures.pop(k)) for k in ("steps", "workers", "trained_parameters"))
     with ctx.commit(kind, figures, MAX_GRIDS) as out:
         record = TransformerRecord(spec={}, target=target, cond=cond, scene=scene, text=text_info,
-                                   text_encoder=text_cfg, sampling=sampler,
+                                   text_encoder=text_cfg, sampling=sampler, micro_defaults=micro_defaults,
                                    tokenizers={k: g.tokenizer for k, g in geometry.items()})
         if settings.lora is None:
             save_transformer(trained, out.path, record.model_dump(mode="json", exclude={"spec"}))

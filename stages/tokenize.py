@@ -13,7 +13,9 @@ beside them, so the artifact folder reads as one dataset (`pq.read_table(dir)`,
 
 Columns (DESIGN.md "Data formats"): key, caption, split, tokens_low, tokens_high,
 seg_tokens (null where segmentation failed; absent when the run has no scene maps), text_emb
-(float16, padded to max_length x dim) + text_len when `precompute_text`. The parquet schema's
+(float16, padded to max_length x dim) + text_len when `precompute_text`, and micro_conds (float32
+x 5: original width and height, crop top and left, aesthetic score or NaN; `muse.micro_conditions`)
+from each sample's metadata. The parquet schema's
 metadata (`muse`), the manifest and `_schema.json` record the token geometry, codebook sizes
 and the text encoder.
 """
@@ -43,6 +45,8 @@ from muse.datasets.tokens import (
     TOKEN_COLUMNS,
     token_file,
 )
+from muse.micro_conditions import NAMES as MICRO_NAMES
+from muse.micro_conditions import of_sample as micro_of
 from muse.models.text import load_text_encoder
 from muse.models.vqgan import from_pretrained
 from muse.progress import report
@@ -52,7 +56,7 @@ from muse.stage import StageContext
 NAME = "tokenize"
 INPUTS: tuple[str, ...] = ("shards", "segments", "vqgan-low", "vqgan-high", "vqseg")
 OUTPUTS: tuple[str, ...] = ("tokens",)
-CODE_VERSION = "3"
+CODE_VERSION = "4"
 
 log = logging.getLogger("muse.stages.tokenize")
 
@@ -61,7 +65,7 @@ def config_of(config: PipelineConfig) -> dict:
     """What changes the rows: the text encoder and whether embeddings are stored (not batching or actors)."""
     c = config.tokenize
     return {"text_encoder": c.text_encoder.model_dump(mode="json"), "precompute_text": c.precompute_text,
-            "row_group_size": c.row_group_size}
+            "row_group_size": c.row_group_size, "aesthetic_field": c.aesthetic_field}
 
 
 def _as_json(geometry: dict[str, TokenGeometry], text: TextEmbeddings | None) -> dict:
@@ -80,6 +84,7 @@ def schema(geometry: dict[str, TokenGeometry], text: TextEmbeddings | None) -> p
     if text is not None:
         fields += [pa.field("text_emb", pa.list_(pa.float16(), text.max_length * text.dim), nullable=False),
                    pa.field("text_len", pa.int16(), nullable=False)]
+    fields.append(pa.field("micro_conds", pa.list_(pa.float32(), len(MICRO_NAMES)), nullable=False))
     return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(_as_json(geometry, text))})
 
 
@@ -130,6 +135,8 @@ class ShardEncoder:
             padded[:, :emb.shape[1]] = (emb * mask[..., None]).cpu()
             cols["text_emb"] = list(padded.half().flatten(1).numpy())
             cols["text_len"] = mask.sum(1).cpu().tolist()
+        cols["micro_conds"] = [np.asarray(micro_of(json.loads(files["json"]), self.config.aesthetic_field), np.float32)
+                               for _, files, _ in samples]
         return cols
 
     def encode_group(self, shards: list[Path], scene_paths: list[Path | None], split: str, index: int) -> dict:

@@ -23,13 +23,15 @@ import torch.nn.functional as F
 from muse.artifacts.store import Artifact, MissingArtifact
 from muse.config import ConfigError, PipelineConfig, TrainGuideConfig
 from muse.contracts import TokensSchema, TransformerRecord
-from muse.datasets.shards import shard_files
+from muse.datasets.shards import metadata_value, shard_files
 from muse.datasets.stream import iter_tar
 from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.guidance import features_at, steer
 from muse.lora import load_trained
 from muse.masking import mask_tokens, sample_mask_rate
-from muse.models.guide import GuideHead, GuideSpec, pooled_text, save_guide
+from muse.micro_conditions import of_batch
+from muse.models.guide import GuideHead, GuideSpec, save_guide
+from muse.models.text import pooled_text
 from muse.models.transformer import MaskedTransformer
 from muse.sample_grid import SampleGrid
 from muse.stage import StageContext
@@ -52,19 +54,6 @@ def config_of(config: PipelineConfig) -> dict:
     """The head, its target and the training knobs that change its weights."""
     c = config.train_guide
     return c.model_dump(mode="json", exclude={"enabled"}) | {"train": c.train.versioned()}
-
-
-def metadata_value(info: dict, field: str):
-    """The value at a dotted path of a sample's metadata (list items by index); None when absent."""
-    node = info
-    for part in field.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node
 
 
 def metadata_targets(shards: Artifact, c: TrainGuideConfig) -> tuple[dict[str, dict], dict]:
@@ -126,7 +115,8 @@ class GuideObjective:
         inputs = torch.where(rate.to(tokens.device)[:, None] > 0, inputs, tokens)  # mask_tokens hides one at least
         emb, mask = self.text(batch)
         with torch.no_grad():
-            memory, memory_mask = self.base.memory(emb, torch.zeros_like(mask))  # text hidden: see the docstring
+            memory, memory_mask = self.base.memory(emb, torch.zeros_like(mask), None, None,  # text hidden: see the
+                                                   of_batch(self.base, batch))              # docstring
             features = features_at(self.base, inputs, memory, memory_mask, self.head.spec.block)
         return features, pooled_text(emb, mask)
 
@@ -249,7 +239,8 @@ def run(ctx: StageContext) -> Artifact:
                      text_dim=base.spec.text_dim if c.target == "caption" else 0, **extra_spec)
     with seeded(c.train.seed):
         head = GuideHead(spec).to(device)
-    columns = ["key", "caption", "tokens_low", *(["text_emb", "text_len"] if text_info is not None else [])]
+    columns = ["key", "caption", "tokens_low", *(["text_emb", "text_len"] if text_info is not None else []),
+               *(["micro_conds"] if base.spec.micro_conditions else [])]
     train = TokenTable(tokens.path, "train", columns)
     if targets is not None:
         log.info("train-guide: %s in %d of %d train rows' metadata", c.field, len(targets["train"]), len(train))

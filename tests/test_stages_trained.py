@@ -101,7 +101,7 @@ def test_a_random_weight_clip_score_is_the_same_for_the_same_images(trained_stor
     samples = [s for _, s in zip(range(cfg.evaluate.num_prompts), read_samples(arts["shards"].path, "val"))]
     images = [Image.open(arts["report"].path / "samples" / f"{s['key']}.png").convert("RGB") for s in samples]
     torch.manual_seed(1234)  # whatever the global RNG holds, the random CLIP weights come from the report's seed
-    again = clip_score(images, [s["caption"] for s in samples], cfg.evaluate)
+    again = clip_score(images, [s["caption"] for s in samples], cfg.evaluate, torch.device("cpu"))
     assert again["clip_score"] == arts["report"].manifest.metrics["clip_score"] and "random" in again["clip_weights"]
 
 

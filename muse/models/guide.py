@@ -85,12 +85,6 @@ class GuideHead(nn.Module):
         return out[:, 0]
 
 
-def pooled_text(emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, L, D] token embeddings and their mask -> [B, D] mean over the real tokens."""
-    m = mask.float()[..., None]
-    return (emb.float() * m).sum(1) / m.sum(1).clamp_min(1)
-
-
 def save_guide(head: GuideHead, directory, extra: dict | None = None) -> None:
     """`model.safetensors` + `config.json` (the spec and anything in `extra`)."""
     save_weights(head, directory, {"spec": asdict(head.spec), **(extra or {})})

@@ -24,6 +24,12 @@ import torch
 from muse.config import TextEncoderConfig
 
 
+def pooled_text(emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, L, D] token embeddings and their mask -> [B, D] mean over the real tokens."""
+    m = mask.float()[..., None]
+    return (emb.float() * m).sum(1) / m.sum(1).clamp_min(1)
+
+
 class TextEncoderUnavailable(RuntimeError):
     """Requested weights are not on this machine (and cannot be fetched)."""
 

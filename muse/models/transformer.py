@@ -7,7 +7,9 @@ conditioning memory and an MLP, and a linear head predicts codebook logits every
 The memory is: one learned null token (always visible, so a sample without text still has
 something to attend to), the projected text embeddings (masked by their padding; all of
 them hidden when text is dropped for classifier-free guidance), then, for super-res, the
-low-res tokens after a small transformer encoder, and optionally scene tokens. With
+low-res tokens after a small transformer encoder, optionally scene tokens, and optionally one
+global token (aMUSEd's pooled conditioning): the pooled caption embedding (hidden with the
+text) and the image's micro-conditions (`muse.micro_conditions`), projected together. With
 `cond_aligned`, the encoded low-res grid is also upsampled (nearest) to the high-res grid
 and added to the input embeddings, so each position sees the coarse token it refines.
 Attention is `scaled_dot_product_attention`; `memory_kv` lets a sampler compute each
@@ -22,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muse.micro_conditions import FOURIER_DIM, fourier, indices
 from muse.models.saved import read_weights, save_weights
+from muse.models.text import pooled_text
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,13 @@ class TransformerSpec:
     scene_codebook_size: int = 0  # optional scene tokens (0 = off)
     scene_side: int = 0
     mlp_ratio: int = 4
+    pooled_text: bool = False  # the global token holds the pooled caption embedding
+    micro_conditions: tuple[str, ...] = ()  # ... and these micro-condition groups (muse.micro_conditions.GROUPS)
+
+    @property
+    def global_width(self) -> int:
+        """Input width of the global token's projection; 0 = no global token."""
+        return (self.text_dim if self.pooled_text else 0) + FOURIER_DIM * len(indices(self.micro_conditions))
 
     @property
     def mask_id(self) -> int:
@@ -161,6 +172,8 @@ class MaskedTransformer(nn.Module):
                 self.cond_to_input = nn.Linear(d, d)
         if spec.scene_codebook_size:
             self.scene_embed = GridEmbedding(spec.scene_codebook_size, spec.scene_side, d)
+        if spec.global_width:
+            self.global_proj = nn.Sequential(nn.Linear(spec.global_width, d), nn.SiLU(), nn.Linear(d, d))
         self.memory_norm = nn.LayerNorm(d)
         self.blocks = nn.ModuleList(Block(d, spec.heads, spec.mlp_ratio) for _ in range(spec.depth))
         self.norm = nn.LayerNorm(d)
@@ -177,9 +190,11 @@ class MaskedTransformer(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def memory(self, text_emb: torch.Tensor, text_mask: torch.Tensor, cond_tokens: torch.Tensor | None = None,
-               scene_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cross-attention memory and its mask (True = attend). Drop text by passing an all-False text_mask;
-        scene tokens of -1 (no scene) are hidden."""
+               scene_tokens: torch.Tensor | None = None,
+               micro: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention memory and its mask (True = attend). Drop text by passing an all-False text_mask
+        (the pooled caption goes with it); scene tokens of -1 (no scene) are hidden; `micro` [B, 5] are the
+        micro-conditions in `muse.micro_conditions.NAMES` order (read when the spec names some)."""
         b = text_emb.shape[0]
         parts = [self.null.expand(b, -1, -1)]
         masks = [torch.ones(b, 1, dtype=torch.bool, device=text_emb.device)]
@@ -197,7 +212,22 @@ class MaskedTransformer(nn.Module):
             present = scene_tokens >= 0
             parts.append(self.scene_embed(scene_tokens.clamp_min(0)))
             masks.append(present)
+        if self.spec.global_width:
+            parts.append(self.global_proj(self._global_features(text_emb, text_mask, micro))[:, None])
+            masks.append(torch.ones(b, 1, dtype=torch.bool, device=text_emb.device))
         return self.memory_norm(torch.cat(parts, 1)), torch.cat(masks, 1)
+
+    def _global_features(self, text_emb: torch.Tensor, text_mask: torch.Tensor,
+                         micro: torch.Tensor | None) -> torch.Tensor:
+        features = []
+        if self.spec.pooled_text:
+            features.append(pooled_text(text_emb, text_mask))  # zeros where the text is dropped
+        if self.spec.micro_conditions:
+            if micro is None:
+                raise ValueError(f"this transformer is micro-conditioned on {list(self.spec.micro_conditions)}: "
+                                 "pass micro [B, 5]")
+            features.append(fourier(micro[:, indices(self.spec.micro_conditions)].to(text_emb.device)))
+        return torch.cat(features, -1)
 
     def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every block's cross-attention keys and values for a memory (cache them across sampling steps)."""
