@@ -64,6 +64,8 @@ def _rows(table: pa.Table, text_shape: tuple[int, int] | None) -> list[dict]:
             cols[name] = torch.from_numpy(flat.reshape(n, *text_shape))
         elif name == "text_len":
             cols[name] = torch.from_numpy(column.to_numpy().astype(np.int64))
+        elif name == "clip_image_emb":
+            cols[name] = torch.from_numpy(column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1))
         elif name == "micro_conds":
             cols[name] = torch.from_numpy(column.values.to_numpy().astype(np.float32).reshape(n, -1))
         else:

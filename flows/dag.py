@@ -17,7 +17,9 @@ from muse.stages import (
     shard,
     tokenize,
     train_base,
+    train_clip,
     train_guide,
+    train_prior,
     train_superres,
     train_vqgan,
 )
@@ -27,8 +29,8 @@ FULL_TRAIN = "full-train"
 # Topological order: every stage comes after the producers of its inputs.
 STAGES: dict[str, ModuleType] = {
     m.NAME: m
-    for m in (shard, segment, train_vqgan, tokenize, train_base, train_guide, train_superres, finetune_decoder,
-              evaluate)
+    for m in (shard, train_clip, segment, train_vqgan, tokenize, train_base, train_guide, train_prior, train_superres,
+              finetune_decoder, evaluate)
 }
 
 PRODUCER: dict[str, str] = {kind: name for name, m in STAGES.items() for kind in m.OUTPUTS}

@@ -29,10 +29,10 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one key, e.g. --set train_base.train.steps=100 (repeatable)")
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
+def _sampling_args(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
     """Sampler flags; each defaults to the setting the trained transformers recorded (`sampling` in config)."""
     trained = " (default: what the model was trained with)"
-    p.add_argument("--steps", type=int, help="base sampling steps" + trained)
+    p.add_argument(steps_flag, type=int, dest="steps", help="base sampling steps" + trained)
     p.add_argument("--superres-steps", type=int, help="super-res sampling steps" + trained)
     p.add_argument("--guidance-scale", type=float, help="final CFG scale t of the base pass" + trained)
     p.add_argument("--superres-guidance-scale", type=float, help="final CFG scale of the super-res pass" + trained)
@@ -48,6 +48,14 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                         "(repeatable; default: the training rows' medians)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-superres", action="store_true", help="decode the base tokens with vqgan-low")
+
+
+def _embedding_args(p: argparse.ArgumentParser, out: str, steps_flag: str = "--steps") -> None:
+    """Flags of the commands that generate from CLIP image embeddings (vary, interpolate)."""
+    p.add_argument("--prompt", default="", help="a caption to add to the embeddings (default: none)")
+    p.add_argument("--out", default=out, help=f"output folder (default: {out})")
+    _sampling_args(p, steps_flag)
+    _store_arg(p)
 
 
 def _sampling(pipe, args: argparse.Namespace):
@@ -248,12 +256,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
             batch = group[i:i + args.batch_size]
             prompts = [b["prompt"] for b in batch]
             images = pipe(prompts, negative=None if negative is None else [negative] * len(batch), sampling=sampling,
-                          seed=seed + i, superres=not args.no_superres, scene=scene)
+                          seed=seed + i, superres=not args.no_superres, scene=scene, prior=args.prior)
             for b, img in zip(batch, images):
                 img.save(out / f"{b['id']}.png")
                 print(out / f"{b['id']}.png")
     print(f"lineage: {json.dumps(pipe.lineage, sort_keys=True)}", file=sys.stderr)
     return 0
+
+
+def cmd_vary(args: argparse.Namespace) -> int:
+    from muse.generate import TextToImage
+
+    pipe = TextToImage.from_store(_store(args))
+    _write_numbered(pipe.vary(_open_image(args.image), n=args.n, prompt=args.prompt, seed=args.seed,
+                              sampling=_sampling(pipe, args), superres=not args.no_superres), args.out)
+    return 0
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from muse.generate import TextToImage
+
+    pipe = TextToImage.from_store(_store(args))
+    _write_numbered(pipe.interpolate(_open_image(args.image_a), _open_image(args.image_b), steps=args.frames,
+                                     prompt=args.prompt, seed=args.seed, sampling=_sampling(pipe, args),
+                                     superres=not args.no_superres), args.out)
+    return 0
+
+
+def _write_numbered(images: list, folder: str) -> None:
+    from pathlib import Path
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        img.save(out / f"{i:04d}.png")
+        print(out / f"{i:04d}.png")
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"{path}: not a readable image ({e})") from None
 
 
 def _scene(pipe, labels_path: str, edges_path: str | None):
@@ -284,10 +330,24 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from muse.editing import edit_tokens, outpaint_canvas
     from muse.generate import TextToImage, to_images
 
-    modes = sum([args.mask is not None, args.outpaint is not None, args.no_mask, args.strength is not None])
+    text_diff = args.from_caption is not None or args.to_caption is not None
+    modes = sum([args.mask is not None, args.outpaint is not None, args.no_mask, args.strength is not None, text_diff])
     if modes != 1:
-        raise ConfigError("choose one edit: --mask MASK.png (inpaint), --outpaint FRACTION, --strength S (img2img) "
-                          "or --no-mask")
+        raise ConfigError("choose one edit: --mask MASK.png (inpaint), --outpaint FRACTION, --strength S (img2img), "
+                          "--no-mask, or --from OLD --to NEW (a text-diff edit)")
+    if text_diff:
+        if args.from_caption is None or args.to_caption is None:
+            raise ConfigError("a text-diff edit needs both --from OLD and --to NEW")
+        pipe = TextToImage.from_store(_store(args))
+        edited = pipe.text_diff(_open_image(args.image), args.from_caption, args.to_caption, args.amount,
+                                prompt=args.prompt or "", seed=args.seed, sampling=_sampling(pipe, args),
+                                superres=not args.no_superres)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        edited.save(args.out)
+        print(args.out)
+        return 0
+    if args.prompt is None:
+        raise ConfigError("--prompt is needed: what the edited image shows")
     if args.strength is not None and not 0 <= args.strength <= 1:
         raise ConfigError(f"--strength {args.strength}: must be in [0, 1] (0 keeps the image, 1 generates anew)")
     image = Image.open(args.image)
@@ -387,14 +447,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scene", metavar="LABELMAP.png", help="lay out the images by a label map (one-channel PNG of "
                    "label-space ids); needs a base model trained with train_base.scene_conditioning")
     p.add_argument("--scene-edges", metavar="EDGES.png", help="edge map for --scene (default: the label boundaries)")
+    p.add_argument("--prior", action="store_true", help="unCLIP: condition on the prior's CLIP image embedding of "
+                   "each prompt too (a base trained with train_base.image_conditioning, and train-prior)")
     _store_arg(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("vary", help="variations of an image from its CLIP embedding (a base trained with "
+                       "train_base.image_conditioning)")
+    p.add_argument("image", help="the image to vary")
+    p.add_argument("--n", type=int, default=4, help="variations (default 4)")
+    _embedding_args(p, "variations")
+    p.set_defaults(func=cmd_vary)
+
+    p = sub.add_parser("interpolate", help="images along the path between two images' CLIP embeddings")
+    p.add_argument("image_a")
+    p.add_argument("image_b")
+    p.add_argument("--steps", type=int, default=5, dest="frames",
+                   help="images from A to B, both ends included (default 5)")
+    _embedding_args(p, "interpolation", steps_flag="--sampling-steps")
+    p.set_defaults(func=cmd_interpolate)
 
     p = sub.add_parser("edit", help="edit an image under a prompt: inpaint a mask, outpaint a margin, img2img, "
                        "or mask-free",
                        description="Resample some of IMAGE's tokens under PROMPT; the rest stay the image's own.")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--prompt", required=True, help="what the edited image shows")
+    p.add_argument("--prompt", help="what the edited image shows (needed by every edit but a text diff)")
+    p.add_argument("--from", dest="from_caption", metavar="OLD", help="text-diff edit (DALL-E 2 3.3): a caption of "
+                   "the image as it is; needs --to and a base trained with train_base.image_conditioning")
+    p.add_argument("--to", dest="to_caption", metavar="NEW", help="text-diff edit: the caption it should match")
+    p.add_argument("--amount", type=float, default=0.5, help="text-diff edit: how far the image embedding turns "
+                   "towards the captions' difference (0 keeps it; default 0.5)")
     p.add_argument("--mask", metavar="MASK.png", help="inpaint: white pixels (> 127) are regenerated")
     p.add_argument("--outpaint", type=float, metavar="FRACTION",
                    help="outpaint: shrink the image by FRACTION and generate the new margin")

@@ -427,6 +427,12 @@ class MaskedTransformerStageConfig(Section):
     scene_conditioning: bool = Field(False, description="Add the scene tokens (seg_tokens) to the memory.")
     scene_drop_rate: float = Field(0.5, ge=0, le=1, description="With scene conditioning: fraction of samples "
                                    "trained without scene tokens, so the model also generates from text alone.")
+    image_conditioning: bool = Field(False, description=(
+        "Add the image's CLIP embedding (the tokens' clip_image_emb, from a `clip` artifact) to the memory as one "
+        "projected token (DALL-E 2's image latent), so generation can start from an image's embedding or a "
+        "prior's; brings train-clip into full-train."))
+    image_drop_rate: float = Field(0.2, ge=0, le=1, description="With image conditioning: fraction of samples "
+                                   "trained without the image embedding, so text-only generation still works.")
     workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Ray Train data parallelism.")
     init: WarmStart | None = Field(None, description=(
         "Warm start: begin from this trained artifact's weights instead of random ones, as KIND:VERSION with its "
@@ -441,6 +447,56 @@ class MaskedTransformerStageConfig(Section):
         if self.lora is not None and self.init is None:
             raise ValueError("lora needs init: the trained model (KIND:VERSION) the adapters are trained on")
         return self
+
+
+class ClipArchConfig(Section):
+    """An open_clip architecture: a named model with sizes overridden (None keeps the named model's)."""
+
+    name: str = Field("ViT-B-32", description="open_clip model whose config the sizes below override.")
+    embed_dim: int | None = Field(None, ge=8, description="Width of the shared image-text embedding.")
+    image_size: int | None = Field(None, ge=16, description="Side images are resized to for the image tower.")
+    patch_size: int | None = Field(None, ge=1, description="ViT patch side.")
+    vision_width: int | None = Field(None, ge=8, description="Image tower width.")
+    vision_layers: int | None = Field(None, ge=1, description="Image tower blocks.")
+    vision_head_width: int | None = Field(None, ge=8, description="Image tower attention head width.")
+    context_length: int | None = Field(None, ge=4, description="Caption tokens kept.")
+    text_width: int | None = Field(None, ge=8, description="Text tower width.")
+    text_heads: int | None = Field(None, ge=1, description="Text tower attention heads.")
+    text_layers: int | None = Field(None, ge=1, description="Text tower blocks.")
+
+    @property
+    def resized(self) -> bool:
+        return any(v is not None for k, v in self.model_dump().items() if k != "name")
+
+
+class TrainClipConfig(Section):
+    """Stage `train-clip`: a CLIP (open_clip) on the user's own image-caption pairs, contrastively (ClipLoss)."""
+
+    enabled: bool = Field(False, description="Train a CLIP in full-train (implied by train_base.image_conditioning): "
+                          "evaluate's CLIP score and the image-embedding conditioning then use it.")
+    model: ClipArchConfig = Field(default_factory=ClipArchConfig, description="Architecture.")
+    pretrained: str | None = Field(None, description=(
+        "Start from these open_clip weights (a tag such as laion2b_s34b_b79k, or a checkpoint path) of `model.name`, "
+        "which then must not be resized; None = random weights."))
+    freeze: bool = Field(False, description="With pretrained: commit the pretrained model as it is, untrained.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+
+    @model_validator(mode="after")
+    def _pretrained_fixes_the_sizes(self) -> "TrainClipConfig":
+        if self.pretrained is not None and self.model.resized:
+            raise ValueError("pretrained weights fix the architecture: leave model's sizes unset")
+        if self.freeze and self.pretrained is None:
+            raise ValueError("freeze needs pretrained weights (a random CLIP would stay random)")
+        return self
+
+
+class TrainPriorConfig(Section):
+    """Stage `train-prior`: caption embedding -> CLIP image embedding (unCLIP's prior), for `generate --prior`."""
+
+    enabled: bool = Field(False, description="Train the prior in full-train (needs train_clip).")
+    dim: int = Field(256, ge=8, description="Width of the MLP.")
+    depth: int = Field(2, ge=0, description="Residual MLP blocks.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
 
 
 class TrainGuideConfig(Section):
@@ -547,12 +603,19 @@ class PipelineConfig(Section):
                                                      description="Stage train-base.")
     train_superres: MaskedTransformerStageConfig = Field(default_factory=MaskedTransformerStageConfig,
                                                          description="Stage train-superres.")
+    train_clip: TrainClipConfig = Field(default_factory=TrainClipConfig, description="Stage train-clip.")
     train_guide: TrainGuideConfig = Field(default_factory=TrainGuideConfig, description="Stage train-guide.")
+    train_prior: TrainPriorConfig = Field(default_factory=TrainPriorConfig, description="Stage train-prior.")
     finetune_decoder: FinetuneDecoderConfig = Field(
         default_factory=FinetuneDecoderConfig, description="Stage finetune-decoder."
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampler settings.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage evaluate.")
+
+    @property
+    def trains_clip(self) -> bool:
+        """train-clip runs in full-train: asked for, or implied by the base's image-embedding conditioning."""
+        return self.train_clip.enabled or self.train_base.image_conditioning or self.train_prior.enabled
 
     @property
     def image_resolution(self) -> int:

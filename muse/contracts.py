@@ -65,12 +65,20 @@ class TextEmbeddings(Record):
     max_length: int
 
 
+class ImageEmbeddings(Record):
+    """Precomputed CLIP image embeddings (`clip_image_emb`): the `clip` artifact that made them and their width."""
+
+    clip: str  # "clip:version"
+    dim: int
+
+
 class TokensSchema(Record):
     FILE: ClassVar[str] = "_schema.json"
 
     geometry: dict[str, TokenGeometry]
     text: TextEmbeddings | None  # None: embeddings are computed at training time
     columns: dict[str, str] = {}  # column -> arrow type; absent in the oldest artifacts
+    image: ImageEmbeddings | None = None  # None: no clip artifact was an input
 
     @classmethod
     def of(cls, tokens_dir) -> "TokensSchema":
@@ -92,6 +100,7 @@ class TransformerRecord(Record):
     sampling: SamplerConfig | None = None  # the pass it was trained to be sampled with; absent before it was recorded
     adapter_of: str | None = None  # a LoRA adapter: "kind:version" of the weights it adapts; None = full weights
     micro_defaults: dict[str, float | None] | None = None  # micro-conditioned: the training rows' medians by name
+    clip: str | None = None  # image-conditioned: "clip:version" whose image embeddings it was trained on
 
     @classmethod
     def of(cls, model_dir) -> "TransformerRecord":

@@ -73,8 +73,10 @@ class MaskedLM(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs, text_emb, text_mask, cond_tokens, scene_tokens, micro=None) -> torch.Tensor:
-        memory, memory_mask = self.model.memory(text_emb, text_mask, cond_tokens, scene_tokens, micro)
+    def forward(self, inputs, text_emb, text_mask, cond_tokens, scene_tokens, micro=None, image_emb=None,
+                image_mask=None) -> torch.Tensor:
+        memory, memory_mask = self.model.memory(text_emb, text_mask, cond_tokens, scene_tokens, micro, image_emb,
+                                                image_mask)
         return self.model(inputs, memory, memory_mask)
 
 
@@ -82,11 +84,12 @@ class MaskedObjective:
     """Masked-token cross-entropy with text dropout (and the low-res condition for super-res)."""
 
     def __init__(self, model: MaskedTransformer, target: str, text: CaptionMemory, text_drop_rate: float,
-                 label_smoothing: float, cond: str | None, scene_drop_rate: float = 0.0, seed: int = 0):
+                 label_smoothing: float, cond: str | None, scene_drop_rate: float = 0.0, seed: int = 0,
+                 image_drop_rate: float = 0.0):
         self.model, self.target, self.text, self.cond = model, target, text, cond
         self.generator = torch.Generator().manual_seed(seed)  # masks and dropout: this stage's own stream
         self.text_drop_rate, self.label_smoothing = text_drop_rate, label_smoothing
-        self.scene_drop_rate = scene_drop_rate
+        self.scene_drop_rate, self.image_drop_rate = scene_drop_rate, image_drop_rate
         self.forward = wrap_ddp(MaskedLM(model))  # DDP inside a Ray Train process group, plain otherwise
         self.modules: dict[str, nn.Module] = {"transformer": model}
         self.optimizers = {"loss": ["transformer"]}
@@ -109,11 +112,16 @@ class MaskedObjective:
         if scene is not None:  # -1 hides the scene: the model learns text-only generation too
             hidden = (torch.rand(b, generator=self.generator) < self.scene_drop_rate).to(tokens.device)
             scene = scene.masked_fill(hidden[:, None], -1)
+        image = batch["clip_image_emb"] if self.model.spec.image_dim else None
+        image_keep = None  # drawn only when used: models without an image token keep their random stream
+        if image is not None:
+            image_keep = (torch.rand(b, generator=self.generator) >= self.image_drop_rate).to(tokens.device)
         logits = self.forward(inputs, emb, text_mask & keep[:, None], batch[self.cond] if self.cond else None, scene,
-                              micro_of(self.model, batch))
+                              micro_of(self.model, batch), image, image_keep)
         spec = self.model.spec
         self.memory_len = 1 + emb.shape[1] + (spec.cond_side ** 2 if self.cond else 0) + \
-            (spec.scene_side ** 2 if scene is not None else 0) + (1 if spec.global_width else 0)
+            (spec.scene_side ** 2 if scene is not None else 0) + (1 if spec.global_width else 0) + \
+            (1 if spec.image_dim else 0)
         per_token = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none",
                                     label_smoothing=self.label_smoothing)
         loss = (per_token * mask).sum() / mask.sum()
@@ -146,7 +154,8 @@ def masked_accuracy(model: MaskedTransformer, table: TokenTable, target: str, te
         for name, tm in (("text", text_mask), ("no_text", torch.zeros_like(text_mask))):
             memory, memory_mask = model.memory(emb, tm, batch[cond] if cond else None,
                                                batch.get("seg_tokens") if model.spec.scene_codebook_size else None,
-                                               micro_of(model, batch))
+                                               micro_of(model, batch),
+                                               batch["clip_image_emb"] if model.spec.image_dim else None)
             pred = model(inputs, memory, memory_mask).argmax(-1)
             hits[name] += int(((pred == tokens) & mask).sum())
         total += int(mask.sum())
@@ -171,6 +180,7 @@ class TransformerJob:
     text_drop_rate: float
     label_smoothing: float
     scene_drop_rate: float
+    image_drop_rate: float
     work_dir: Path
     tokenizer_path: Path | None  # decodes the sample grids written at checkpoints; None = no grids
     sampler: SamplerConfig  # this model's sampling pass: the sample grids, and the default recorded for generation
@@ -194,7 +204,7 @@ def fit_worker(job: TransformerJob) -> dict:
         apply_lora(model, job.lora)
     text = CaptionMemory(job.text_cfg, job.precomputed_text, device)
     objective = MaskedObjective(model, job.target, text, job.text_drop_rate, job.label_smoothing, job.cond,
-                                job.scene_drop_rate, job.train_cfg.seed)
+                                job.scene_drop_rate, job.train_cfg.seed, job.image_drop_rate)
     train = TokenTable(job.tokens_path, "train", job.columns)
     loop = TrainLoop(job.train_cfg, objective, job.work_dir, job.kind, device, rank=rank)
     if rank == 0:
@@ -216,7 +226,7 @@ def fit_worker(job: TransformerJob) -> dict:
 
 
 def transformer_spec(model_cfg, geometry: dict[str, TokenGeometry], text_dim: int, target: str, cond: str | None,
-                     scene: bool) -> TransformerSpec:
+                     scene: bool, image_dim: int = 0) -> TransformerSpec:
     """The architecture for `target` tokens (conditioned on `cond` tokens for super-res) from the tokens
     schema's geometry: grid sides, codebook sizes, and the fsq levels of FSQ low-res ids."""
     return TransformerSpec(
@@ -228,7 +238,7 @@ def transformer_spec(model_cfg, geometry: dict[str, TokenGeometry], text_dim: in
         cond_aligned=bool(cond) and model_cfg.cond_aligned,
         scene_codebook_size=geometry["seg_tokens"].codebook_size if scene else 0,
         scene_side=geometry["seg_tokens"].side if scene else 0,
-        pooled_text=model_cfg.pooled_text, micro_conditions=tuple(model_cfg.micro_conditions))
+        pooled_text=model_cfg.pooled_text, micro_conditions=tuple(model_cfg.micro_conditions), image_dim=image_dim)
 
 
 def stage_config(config: PipelineConfig, section: str) -> dict:
@@ -284,7 +294,11 @@ def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: st
         text_cfg = text_info.encoder
     text = CaptionMemory(text_cfg, precomputed, device)
     text_dim = text_info.dim if precomputed else text.encoder.dim
-    spec = transformer_spec(model_cfg, geometry, text_dim, target, cond, scene)
+    if settings.image_conditioning and schema.image is None:
+        raise ConfigError(f"{section}.image_conditioning needs CLIP image embeddings, but {tokens.ref} has none "
+                          f"(tokenize writes them when the run trains a CLIP: train_clip.enabled)")
+    image = schema.image if settings.image_conditioning else None
+    spec = transformer_spec(model_cfg, geometry, text_dim, target, cond, scene, image.dim if image else 0)
     work_dir = ctx.work_dir(kind)
     micro_defaults = None
     if spec.micro_conditions:
@@ -293,14 +307,16 @@ def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: st
                               f"lacks (an older tokenize wrote it): run tokenize again")
         micro_defaults = medians(TokenTable(tokens.path, "train").column("micro_conds", MICRO_DEFAULT_ROWS))
     columns = ["key", "caption", target, *([cond] if cond else []), *(["seg_tokens"] if scene else []),
-               *(["text_emb", "text_len"] if precomputed else []), *(["micro_conds"] if spec.micro_conditions else [])]
+               *(["text_emb", "text_len"] if precomputed else []), *(["micro_conds"] if spec.micro_conditions else []),
+               *(["clip_image_emb"] if image else [])]
     try:
         tokenizer_path = ctx.store.resolve(geometry[target].tokenizer).path
     except MissingArtifact:  # tokens copied from another store: train without sample grids
         log.warning("%s: no sample grids: tokenizer %s is not in this store", kind, geometry[target].tokenizer)
         tokenizer_path = None
     job = TransformerJob(kind, spec, train_cfg, text_cfg, precomputed, tokens.path, columns, target, cond,
-                         settings.text_drop_rate, settings.label_smoothing, settings.scene_drop_rate, work_dir,
+                         settings.text_drop_rate, settings.label_smoothing, settings.scene_drop_rate,
+                         settings.image_drop_rate, work_dir,
                          tokenizer_path, sampler, warm_start(ctx, section, kind, spec), settings.lora)
     figures = fit(fit_worker, job, settings.workers, ctx.config.ray, work_dir)
     trained = MaskedTransformer(spec)
@@ -317,6 +333,7 @@ def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: st
     with ctx.commit(kind, figures, MAX_GRIDS) as out:
         record = TransformerRecord(spec={}, target=target, cond=cond, scene=scene, text=text_info,
                                    text_encoder=text_cfg, sampling=sampler, micro_defaults=micro_defaults,
+                                   clip=image.clip if image else None,
                                    tokenizers={k: g.tokenizer for k, g in geometry.items()})
         if settings.lora is None:
             save_transformer(trained, out.path, record.model_dump(mode="json", exclude={"spec"}))

@@ -32,13 +32,15 @@ from muse.datasets.demo_check import grade
 from muse.datasets.shards import read_samples
 from muse.datasets.tokens import TokenTable
 from muse.fid import InceptionFeatures, frechet_distance, reference_statistics, statistics, weights_digest
-from muse.generate import TextToImage, to_images
+from muse.generate import TextToImage, pil_to_tensor, to_images
 from muse.labelled_grid import caption_lines
+from muse.models.clip import load_clip
 from muse.stage import StageContext
 from muse.training import seeded
 
 NAME = "evaluate"
-INPUTS: tuple[str, ...] = ("shards", "vqgan-low", "vqgan-high", "tokens", "base", "superres", "decoder", "guide")
+INPUTS: tuple[str, ...] = ("shards", "vqgan-low", "vqgan-high", "tokens", "base", "superres", "decoder", "guide",
+                           "clip", "prior")
 OUTPUTS: tuple[str, ...] = ("report",)
 CODE_VERSION = "5"
 BASE_LINK = "base samples through the vqgan-low decoder"
@@ -48,8 +50,10 @@ log = logging.getLogger("muse.stages.evaluate")
 
 
 def inputs_of(config: PipelineConfig) -> tuple[str, ...]:
-    """Every input but `guide` when no guide is trained."""
-    return INPUTS if config.train_guide.enabled else tuple(k for k in INPUTS if k != "guide")
+    """Every input but `guide`, `clip` and `prior` when they are not trained."""
+    skip = {k for k, on in (("guide", config.train_guide.enabled), ("clip", config.trains_clip),
+                            ("prior", config.train_prior.enabled)) if not on}
+    return tuple(k for k in INPUTS if k not in skip)
 
 
 def config_of(config: PipelineConfig) -> dict:
@@ -57,29 +61,38 @@ def config_of(config: PipelineConfig) -> dict:
     return config.evaluate.model_dump(mode="json") | {"sampling": config.sampling.model_dump(mode="json")}
 
 
-def clip_score(images: list[Image.Image], captions: list[str], c: EvaluateConfig, device: torch.device) -> dict:
-    """Mean 100 x max(cosine(image, caption), 0) under open_clip (torchmetrics' CLIPScore definition), in batches
-    on `device`; random weights are allowed, and then flagged.
+def clip_score(images: list[Image.Image], captions: list[str], c: EvaluateConfig, device: torch.device,
+               clip: Artifact | None = None) -> dict:
+    """Mean 100 x max(cosine(image, caption), 0) (torchmetrics' CLIPScore definition) in batches on `device`, under
+    `evaluate.clip_pretrained` when set, else under the run's own `clip` artifact (trained on this data) when there
+    is one, else under random open_clip weights, and then flagged.
 
     Random weights are drawn from `c.seed`: the score means nothing, but two reports of the same
     images then show the same figure, so a change in it is a change in the images."""
-    import open_clip
+    if c.clip_pretrained is None and clip is not None:
+        own = load_clip(clip.path).to(device)
+        encode_images = lambda ims: own.encode_images(torch.stack([pil_to_tensor(i) for i in ims]).to(device))  # noqa: E731
+        encode_text, model_name, weights = own.encode_captions, own.arch.name, f"{clip.ref} (train-clip on this data)"
+    else:
+        import open_clip
 
-    with seeded(c.seed):
-        model, _, preprocess = open_clip.create_model_and_transforms(c.clip_model, pretrained=c.clip_pretrained)
-    tokenizer = open_clip.get_tokenizer(c.clip_model)
-    model.eval().to(device)
+        with seeded(c.seed):
+            model, _, preprocess = open_clip.create_model_and_transforms(c.clip_model, pretrained=c.clip_pretrained)
+        tokenizer = open_clip.get_tokenizer(c.clip_model)
+        model.eval().to(device)
+        encode_images = lambda ims: model.encode_image(  # noqa: E731
+            torch.stack([preprocess(i) for i in ims]).to(device), normalize=True)
+        encode_text = lambda caps: model.encode_text(tokenizer(caps).to(device), normalize=True)  # noqa: E731
+        model_name, weights = c.clip_model, c.clip_pretrained or "random (score not meaningful)"
     scores = []
     with torch.no_grad():
         for i in range(0, len(images), c.batch_size):
-            img = model.encode_image(torch.stack([preprocess(im) for im in images[i:i + c.batch_size]]).to(device),
-                                     normalize=True)
-            txt = model.encode_text(tokenizer(captions[i:i + c.batch_size]).to(device), normalize=True)
+            img = encode_images(images[i:i + c.batch_size])
+            txt = encode_text(captions[i:i + c.batch_size])
             scores.append((100 * (img * txt).sum(-1).clamp_min(0)).cpu())
-    weights = c.clip_pretrained or "random (score not meaningful)"
     return {"clip_score": round(float(torch.cat(scores).mean()), 3), "clip_weights": weights,
             "clip_protocol": f"CLIP score (100 x max(cos, 0), mean) of {len(images)} images at "
-                             f"{images[0].size[0]} px and their captions; open_clip {c.clip_model}, weights {weights}"}
+                             f"{images[0].size[0]} px and their captions; open_clip {model_name}, weights {weights}"}
 
 
 def grade_samples(images: list[Image.Image], samples: list[dict]) -> list[list[dict[str, bool]]]:
@@ -130,14 +143,31 @@ def alignment_by_link(pipe: TextToImage, samples: list[dict], tokens_root, c: Ev
             for name, ims in images.items()]
 
 
+def variation_alignment(pipe: TextToImage, samples: list[dict], sampling: SamplingConfig,
+                        c: EvaluateConfig) -> dict[str, float]:
+    """Variations of real demo images from their CLIP embeddings alone (no caption), graded against each image's
+    own objects, and against the next image's (what an unrelated image would score: the chance level)."""
+    images = []
+    for i in range(0, len(samples), c.batch_size):
+        chunk = samples[i:i + c.batch_size]
+        emb = pipe.image_embeddings([s["image"] for s in chunk])
+        tokens = pipe.generate_tokens([""] * len(chunk), sampling=sampling, seed=c.seed + i, image_emb=emb)
+        images += to_images(pipe.decode_tokens(tokens))
+    own = alignment(grade_samples(images, samples))
+    other = alignment(grade_samples(images, samples[1:] + samples[:1]))
+    return {**{f"alignment_{p}_variations": v for p, v in own.items()},
+            **{f"alignment_{p}_variations_other_image": v for p, v in other.items()}}
+
+
 def generate(pipe: TextToImage, captions: list[str], sampling: SamplingConfig,
-             c: EvaluateConfig) -> tuple[list[Image.Image], list[torch.Tensor], float]:
-    """(images, base token grids per batch, seconds) for the captions, in batches seeded by their position."""
+             c: EvaluateConfig, prior: bool = False) -> tuple[list[Image.Image], list[torch.Tensor], float]:
+    """(images, base token grids per batch, seconds) for the captions, in batches seeded by their position
+    (`prior`: conditioned on the prior's image embeddings too)."""
     images: list[Image.Image] = []
     tokens_low: list[torch.Tensor] = []
     start = time.perf_counter()
     for i in range(0, len(captions), c.batch_size):
-        tokens = pipe.generate_tokens(captions[i:i + c.batch_size], sampling=sampling, seed=c.seed + i)
+        tokens = pipe.generate_tokens(captions[i:i + c.batch_size], sampling=sampling, seed=c.seed + i, prior=prior)
         images += to_images(pipe.decode_tokens(tokens))
         tokens_low.append(tokens["tokens_low"])
     return images, tokens_low, time.perf_counter() - start
@@ -196,7 +226,8 @@ def run(ctx: StageContext) -> Artifact:
     if not samples:
         split = "train"
         samples = [s for _, s in zip(range(c.num_prompts), read_samples(inputs["shards"].path, split))]
-    pipe = TextToImage.from_store(ctx.store, pins={k: inputs.get(k) for k in ("base", "superres", "decoder", "guide")})
+    pipe = TextToImage.from_store(ctx.store, pins={k: inputs.get(k) for k in ("base", "superres", "decoder", "guide",
+                                                                               "prior")})
     sampling = config.sampling
     if pipe.guide is None:  # no guide trained in this run: the guide scale has nothing to steer with
         sampling = sampling.model_copy(update={"guide": sampling.guide.model_copy(update={"scale": 0.0})})
@@ -237,7 +268,14 @@ def run(ctx: StageContext) -> Artifact:
                              **(graded(other) if demo else {})})
             if demo:
                 metrics.update({f"alignment_{p}_guide{scale:g}": guidance[-1][p] for p in PARTS})
-    metrics.update(clip_score(images, captions, c, pipe.device))
+    if pipe.prior is not None:  # unCLIP: the same prompts and seeds, the prior's image embedding added
+        prior_images, _, seconds = generate(pipe, captions, sampling, c, prior=True)
+        metrics["seconds_per_image_prior"] = round(seconds / max(len(prior_images), 1), 4)
+        if demo:
+            metrics.update({f"alignment_{p}_prior": v for p, v in graded(prior_images).items()})
+    if pipe.clip is not None and demo:
+        metrics.update(variation_alignment(pipe, [s for s, _ in demo], sampling, c))
+    metrics.update(clip_score(images, captions, c, pipe.device, inputs.get("clip")))
     metrics.update(fid(images, inputs["shards"], split, c, ctx.store, pipe.device))
     for kind, key in (("vqgan-low", "psnr"), ("vqgan-high", "psnr"), ("decoder", "new_psnr")):
         metrics[f"{kind}_val_psnr"] = metric(inputs[kind], key)

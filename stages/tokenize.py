@@ -15,7 +15,8 @@ Columns (DESIGN.md "Data formats"): key, caption, split, tokens_low, tokens_high
 seg_tokens (null where segmentation failed; absent when the run has no scene maps), text_emb
 (float16, padded to max_length x dim) + text_len when `precompute_text`, and micro_conds (float32
 x 5: original width and height, crop top and left, aesthetic score or NaN; `muse.micro_conditions`)
-from each sample's metadata. The parquet schema's
+from each sample's metadata; with a `clip` input (train-clip in the run), clip_image_emb (float16 x
+the CLIP's width: each image's unit-length CLIP embedding). The parquet schema's
 metadata (`muse`), the manifest and `_schema.json` record the token geometry, codebook sizes
 and the text encoder.
 """
@@ -34,7 +35,7 @@ import torch
 
 from muse.artifacts.store import Artifact
 from muse.config import PipelineConfig, TokenizeConfig, VQModelConfig
-from muse.contracts import TextEmbeddings, TokenGeometry
+from muse.contracts import ImageEmbeddings, TextEmbeddings, TokenGeometry
 from muse.datasets.decode import image_bytes, image_tensor, scene_tensor
 from muse.datasets.segments import scene_maps_of
 from muse.datasets.shards import SPLITS, shard_files
@@ -47,6 +48,7 @@ from muse.datasets.tokens import (
 )
 from muse.micro_conditions import NAMES as MICRO_NAMES
 from muse.micro_conditions import of_sample as micro_of
+from muse.models.clip import load_clip
 from muse.models.text import load_text_encoder
 from muse.models.vqgan import from_pretrained
 from muse.progress import report
@@ -54,9 +56,14 @@ from muse.ray_runtime import gpus_per_actor, init_ray
 from muse.stage import StageContext
 
 NAME = "tokenize"
-INPUTS: tuple[str, ...] = ("shards", "segments", "vqgan-low", "vqgan-high", "vqseg")
+INPUTS: tuple[str, ...] = ("shards", "segments", "vqgan-low", "vqgan-high", "vqseg", "clip")
 OUTPUTS: tuple[str, ...] = ("tokens",)
 CODE_VERSION = "4"
+
+
+def inputs_of(config: PipelineConfig) -> tuple[str, ...]:
+    """Every input but `clip` when the run trains no CLIP."""
+    return INPUTS if config.trains_clip else tuple(k for k in INPUTS if k != "clip")
 
 log = logging.getLogger("muse.stages.tokenize")
 
@@ -68,12 +75,15 @@ def config_of(config: PipelineConfig) -> dict:
             "row_group_size": c.row_group_size, "aesthetic_field": c.aesthetic_field}
 
 
-def _as_json(geometry: dict[str, TokenGeometry], text: TextEmbeddings | None) -> dict:
+def _as_json(geometry: dict[str, TokenGeometry], text: TextEmbeddings | None,
+             image: ImageEmbeddings | None = None) -> dict:
     return {"geometry": {k: g.model_dump(mode="json") for k, g in geometry.items()},
-            "text": None if text is None else text.model_dump(mode="json")}
+            "text": None if text is None else text.model_dump(mode="json"),
+            **({} if image is None else {"image": image.model_dump(mode="json")})}
 
 
-def schema(geometry: dict[str, TokenGeometry], text: TextEmbeddings | None) -> pa.Schema:
+def schema(geometry: dict[str, TokenGeometry], text: TextEmbeddings | None,
+           image: ImageEmbeddings | None = None) -> pa.Schema:
     """The parquet schema for this token geometry (and text embedding shape when stored); geometry and text
     ride in its metadata, so a parquet file alone says how to read its lists."""
     fields = [pa.field("key", pa.string(), nullable=False), pa.field("caption", pa.string(), nullable=False),
@@ -85,7 +95,9 @@ def schema(geometry: dict[str, TokenGeometry], text: TextEmbeddings | None) -> p
         fields += [pa.field("text_emb", pa.list_(pa.float16(), text.max_length * text.dim), nullable=False),
                    pa.field("text_len", pa.int16(), nullable=False)]
     fields.append(pa.field("micro_conds", pa.list_(pa.float32(), len(MICRO_NAMES)), nullable=False))
-    return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(_as_json(geometry, text))})
+    if image is not None:
+        fields.append(pa.field("clip_image_emb", pa.list_(pa.float16(), image.dim), nullable=False))
+    return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(_as_json(geometry, text, image))})
 
 
 def _column(values: list, field: pa.Field) -> pa.Array:
@@ -101,12 +113,14 @@ class ShardEncoder:
     """Ray actor: loads the tokenizers and the text encoder once, then encodes whole shards."""
 
     def __init__(self, models: dict[str, str], config: TokenizeConfig, num_labels: int, out_dir: str,
-                 geometry: dict[str, TokenGeometry], text: TextEmbeddings | None, device: str):
+                 geometry: dict[str, TokenGeometry], text: TextEmbeddings | None, device: str,
+                 clip: str | None = None, image: ImageEmbeddings | None = None):
         self.device = torch.device(device)
         self.models = {k: from_pretrained(p).to(self.device) for k, p in models.items()}
+        self.clip = None if clip is None else load_clip(clip).to(self.device)
         self.text = load_text_encoder(config.text_encoder, self.device) if config.precompute_text else None
         self.config, self.num_labels, self.out_dir = config, num_labels, Path(out_dir)
-        self.schema = schema(geometry, text)
+        self.schema = schema(geometry, text, image)
 
     @torch.no_grad()
     def _codes(self, tokenizer: str, x: list[torch.Tensor]) -> list[np.ndarray]:
@@ -137,6 +151,11 @@ class ShardEncoder:
             cols["text_len"] = mask.sum(1).cpu().tolist()
         cols["micro_conds"] = [np.asarray(micro_of(json.loads(files["json"]), self.config.aesthetic_field), np.float32)
                                for _, files, _ in samples]
+        if self.clip is not None:
+            size = self.clip.image_size
+            with torch.no_grad():
+                emb = self.clip.encode_images(torch.stack([image_tensor(b, size) for b in images]).to(self.device))
+            cols["clip_image_emb"] = list(emb.half().cpu().numpy())
         return cols
 
     def encode_group(self, shards: list[Path], scene_paths: list[Path | None], split: str, index: int) -> dict:
@@ -242,6 +261,8 @@ def run(ctx: StageContext) -> Artifact:
         encoder = load_text_encoder(c.text_encoder)
         text = TextEmbeddings(encoder=c.text_encoder, dim=encoder.dim, max_length=encoder.max_length)
         del encoder
+    clip = inputs.get("clip")
+    image = None if clip is None else ImageEmbeddings(clip=clip.ref, dim=int(clip.manifest.metrics["dim"]))
     space = segments.manifest.details["label_space"]
     items = []
     for split in SPLITS:
@@ -263,7 +284,8 @@ def run(ctx: StageContext) -> Artifact:
             num_cpus=c.cpus_per_actor,
             fn_constructor_kwargs={"models": models, "config": c, "num_labels": len(space),
                                    "out_dir": str(out.path), "geometry": geometry, "text": text,
-                                   "device": "cuda" if gpus > 0 else "cpu"})
+                                   "device": "cuda" if gpus > 0 else "cpu",
+                                   "clip": None if clip is None else str(clip.path), "image": image})
         rows = {split: 0 for split in SPLITS}
         missing = 0
         counts = {n: np.zeros(geometry[n].codebook_size, np.int64) for n in TOKEN_COLUMNS if n in geometry}
@@ -280,7 +302,7 @@ def run(ctx: StageContext) -> Artifact:
             report("files", done, len(items), (len(items) - done) * elapsed / done)
         elapsed = time.perf_counter() - start
         total = sum(rows.values())
-        sch, recorded = schema(geometry, text), _as_json(geometry, text)
+        sch, recorded = schema(geometry, text, image), _as_json(geometry, text, image)
         (out.path / SCHEMA_FILE).write_text(json.dumps(
             {"columns": {f.name: str(f.type) for f in sch}, **recorded,
              "label_space": space, "row_group_size": c.row_group_size}, indent=2))

@@ -23,7 +23,7 @@ def test_deployments_register_with_expected_names(prefect_api, tmp_path):
 
     params = asyncio.run(read())
     assert set(params) == {"full-train", "shard", "segment", "train-vqgan", "tokenize", "train-base",
-                           "train-guide", "train-superres", "finetune-decoder", "evaluate"}
+                           "train-guide", "train-superres", "finetune-decoder", "evaluate", "train-clip", "train-prior"}
     assert params["finetune-decoder"]["target"] == "finetune-decoder"
     assert params["full-train"] == {"target": "full-train", "preset": "tiny", "store": str(tmp_path / "store")}
 

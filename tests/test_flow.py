@@ -55,7 +55,7 @@ def test_full_train_runs_every_stage_and_finetune_decoder_reruns_alone(prefect_a
     assert "[1/9] shard finished" in caplog.text and "[9/9] evaluate finished" in caplog.text
     assert "ETA: after a first run of every stage" in caplog.text and "; ETA" not in caplog.text  # nothing timed yet
     timings = json.loads((store.root / ".work" / "stage-seconds.json").read_text())
-    assert sorted(timings) == sorted(STAGES) and all(t >= 0 for t in timings.values())
+    assert sorted(timings) == sorted(set(STAGES) - {"train-clip", "train-prior"}) and all(t >= 0 for t in timings.values())
     progress = _progress_artifacts()  # the UI's progress bars of the long work, each at 100% at the end
     for key in ("muse-train-vqgan-vqgan-low-progress", "muse-tokenize-files-progress", "muse-train-base-base-progress",
                 "muse-finetune-decoder-decoder-progress"):

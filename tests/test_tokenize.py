@@ -78,7 +78,7 @@ def test_row_groups_span_shards_to_reach_row_group_size(pipeline_store, store):
     counts = [json.loads(p.with_suffix(".stats.json").read_text())["count"] for p in shards]
     size = counts[0] + 1  # more rows than the first shard holds
     cfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"row_group_size": size})})
-    out = execute(tokenize, cfg, {k: arts[k] for k in tokenize.INPUTS}, store)
+    out = execute(tokenize, cfg, {k: arts[k] for k in tokenize.inputs_of(cfg)}, store)
     meta = pq.ParquetFile(out.path / "train-00000.parquet").metadata
     assert meta.row_group(0).num_rows == size
     assert [r["key"] for r in TokenTable(out.path, "train", ["key"])] == \
@@ -108,7 +108,7 @@ def test_tokens_decode_like_the_encoders_codes(pipeline_store):
 def test_without_precomputed_text_the_embedding_columns_are_absent(pipeline_store, store, small_config):
     cfg, _, arts = pipeline_store
     cfg = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"precompute_text": False})})
-    out = execute(tokenize, cfg, {k: arts[k] for k in tokenize.INPUTS}, store)
+    out = execute(tokenize, cfg, {k: arts[k] for k in tokenize.inputs_of(cfg)}, store)
     names = pq.read_schema(next(out.path.rglob("*.parquet"))).names
     assert "text_emb" not in names and "text_len" not in names and "tokens_high" in names
     assert out.version != arts["tokens"].version

@@ -7,8 +7,8 @@ conditioning memory and an MLP, and a linear head predicts codebook logits every
 The memory is: one learned null token (always visible, so a sample without text still has
 something to attend to), the projected text embeddings (masked by their padding; all of
 them hidden when text is dropped for classifier-free guidance), then, for super-res, the
-low-res tokens after a small transformer encoder, optionally scene tokens, and optionally one
-global token (aMUSEd's pooled conditioning): the pooled caption embedding (hidden with the
+low-res tokens after a small transformer encoder, optionally scene tokens, optionally one
+CLIP image-embedding token (DALL-E 2's image latent), and optionally one global token (aMUSEd's pooled conditioning): the pooled caption embedding (hidden with the
 text) and the image's micro-conditions (`muse.micro_conditions`), projected together. With
 `cond_aligned`, the encoded low-res grid is also upsampled (nearest) to the high-res grid
 and added to the input embeddings, so each position sees the coarse token it refines.
@@ -49,6 +49,7 @@ class TransformerSpec:
     mlp_ratio: int = 4
     pooled_text: bool = False  # the global token holds the pooled caption embedding
     micro_conditions: tuple[str, ...] = ()  # ... and these micro-condition groups (muse.micro_conditions.GROUPS)
+    image_dim: int = 0  # width of the CLIP image embedding given as one memory token (0 = none)
 
     @property
     def global_width(self) -> int:
@@ -172,6 +173,8 @@ class MaskedTransformer(nn.Module):
                 self.cond_to_input = nn.Linear(d, d)
         if spec.scene_codebook_size:
             self.scene_embed = GridEmbedding(spec.scene_codebook_size, spec.scene_side, d)
+        if spec.image_dim:
+            self.image_proj = nn.Sequential(nn.LayerNorm(spec.image_dim), nn.Linear(spec.image_dim, d))
         if spec.global_width:
             self.global_proj = nn.Sequential(nn.Linear(spec.global_width, d), nn.SiLU(), nn.Linear(d, d))
         self.memory_norm = nn.LayerNorm(d)
@@ -191,10 +194,12 @@ class MaskedTransformer(nn.Module):
 
     def memory(self, text_emb: torch.Tensor, text_mask: torch.Tensor, cond_tokens: torch.Tensor | None = None,
                scene_tokens: torch.Tensor | None = None,
-               micro: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               micro: torch.Tensor | None = None, image_emb: torch.Tensor | None = None,
+               image_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The cross-attention memory and its mask (True = attend). Drop text by passing an all-False text_mask
         (the pooled caption goes with it); scene tokens of -1 (no scene) are hidden; `micro` [B, 5] are the
-        micro-conditions in `muse.micro_conditions.NAMES` order (read when the spec names some)."""
+        micro-conditions in `muse.micro_conditions.NAMES` order (read when the spec names some); `image_emb`
+        [B, image_dim] a CLIP image embedding per sample, hidden where `image_mask` is False (or when None)."""
         b = text_emb.shape[0]
         parts = [self.null.expand(b, -1, -1)]
         masks = [torch.ones(b, 1, dtype=torch.bool, device=text_emb.device)]
@@ -212,6 +217,13 @@ class MaskedTransformer(nn.Module):
             present = scene_tokens >= 0
             parts.append(self.scene_embed(scene_tokens.clamp_min(0)))
             masks.append(present)
+        if self.spec.image_dim:
+            if image_emb is None:
+                image_emb = torch.zeros(b, self.spec.image_dim, device=text_emb.device)
+                image_mask = torch.zeros(b, dtype=torch.bool, device=text_emb.device)
+            parts.append(self.image_proj(image_emb.to(text_emb.device, text_emb.dtype))[:, None])
+            masks.append((torch.ones(b, dtype=torch.bool, device=text_emb.device) if image_mask is None
+                          else image_mask.to(text_emb.device))[:, None])
         if self.spec.global_width:
             parts.append(self.global_proj(self._global_features(text_emb, text_mask, micro))[:, None])
             masks.append(torch.ones(b, 1, dtype=torch.bool, device=text_emb.device))
