@@ -150,6 +150,9 @@ class TextToImage:
         emb, mask = padded, full_mask
         if drop:
             mask = torch.zeros_like(mask)
+        else:  # an empty prompt is no caption: its text is dropped, as in training (not CLS/SEP embedded)
+            empty = torch.tensor([not p.strip() for p in prompts], device=mask.device)
+            mask = mask & ~empty[:, None]
         if scene is not None:
             scene = scene.expand(emb.shape[0], -1)
         if micro is not None:

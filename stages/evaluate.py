@@ -155,8 +155,12 @@ def variation_alignment(pipe: TextToImage, samples: list[dict], sampling: Sampli
         images += to_images(pipe.decode_tokens(tokens))
     own = alignment(grade_samples(images, samples))
     other = alignment(grade_samples(images, samples[1:] + samples[:1]))
+    # under the same CLIP: is each variation nearer its own image than every other image of the set?
+    sims = pipe.image_embeddings(images) @ pipe.image_embeddings([s["image"] for s in samples]).T
+    nearest = float((sims.argmax(1) == torch.arange(len(images), device=sims.device)).float().mean())
     return {**{f"alignment_{p}_variations": v for p, v in own.items()},
-            **{f"alignment_{p}_variations_other_image": v for p, v in other.items()}}
+            **{f"alignment_{p}_variations_other_image": v for p, v in other.items()},
+            "variations_nearest_own_image": round(nearest, 4), "variations_nearest_chance": round(1 / len(images), 4)}
 
 
 def generate(pipe: TextToImage, captions: list[str], sampling: SamplingConfig,

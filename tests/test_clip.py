@@ -127,6 +127,18 @@ def test_image_conditioning_drops_the_embedding_at_its_rate_and_the_base_varies_
 
     turned = slerp(emb, diff, 0.5)
     assert float(turned @ diff) > float(emb @ diff) and abs(float(turned.norm()) - 1) < 1e-5
+    # an empty prompt is no caption: its text positions are hidden, as when training drops the text
+    _, mask = pipe._memory(pipe.base, ["", "a red circle"])
+    _, dropped = pipe._memory(pipe.base, ["a red circle"], drop=True)
+    assert int(mask[0].sum()) == int(dropped[0].sum()) < int(mask[1].sum())
+    # evaluate's variation figures on demo images: graded against their own objects and another image's
+    from muse.datasets.shards import read_samples
+    from muse.stages.evaluate import variation_alignment
+
+    samples = [s for _, s in zip(range(4), read_samples(arts["shards"].path, "val"))]
+    figures = variation_alignment(pipe, samples, cfg.sampling, cfg.evaluate)
+    assert figures["variations_nearest_chance"] == 0.25 and 0 <= figures["variations_nearest_own_image"] <= 1
+    assert {"alignment_colour_variations", "alignment_position_variations_other_image"} <= set(figures)
     # the commands: the store's latest base is this image-conditioned one
     from muse.cli import main
 
