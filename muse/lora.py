@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from muse.artifacts.store import Artifact, ArtifactStore
-from muse.config import LoraConfig
+from muse.config import ConfigError, LoraConfig
 from muse.contracts import TransformerRecord
 from muse.models.transformer import MaskedTransformer, load_transformer
 
@@ -41,8 +41,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     try:
         peft.inject_adapter_in_model(peft_config(cfg), model)
     except ValueError as e:  # peft's message lists what it looked for
-        from muse.config import ConfigError
-
         raise ConfigError(f"lora.target_modules {list(cfg.target_modules)}: {e}".splitlines()[0]) from None
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)

@@ -148,15 +148,15 @@ def variation_alignment(pipe: TextToImage, samples: list[dict], sampling: Sampli
     """Variations of real demo images from their CLIP embeddings alone (no caption), graded against each image's
     own objects, and against the next image's (what an unrelated image would score: the chance level)."""
     images = []
+    real = pipe.image_embeddings([s["image"] for s in samples])
     for i in range(0, len(samples), c.batch_size):
-        chunk = samples[i:i + c.batch_size]
-        emb = pipe.image_embeddings([s["image"] for s in chunk])
-        tokens = pipe.generate_tokens([""] * len(chunk), sampling=sampling, seed=c.seed + i, image_emb=emb)
+        tokens = pipe.generate_tokens([""] * len(real[i:i + c.batch_size]), sampling=sampling, seed=c.seed + i,
+                                      image_emb=real[i:i + c.batch_size])
         images += to_images(pipe.decode_tokens(tokens))
     own = alignment(grade_samples(images, samples))
     other = alignment(grade_samples(images, samples[1:] + samples[:1]))
     # under the same CLIP: is each variation nearer its own image than every other image of the set?
-    sims = pipe.image_embeddings(images) @ pipe.image_embeddings([s["image"] for s in samples]).T
+    sims = pipe.image_embeddings(images) @ real.T
     nearest = float((sims.argmax(1) == torch.arange(len(images), device=sims.device)).float().mean())
     return {**{f"alignment_{p}_variations": v for p, v in own.items()},
             **{f"alignment_{p}_variations_other_image": v for p, v in other.items()},

@@ -35,7 +35,7 @@ import torch
 
 from muse.artifacts.store import Artifact
 from muse.config import PipelineConfig, TokenizeConfig, VQModelConfig
-from muse.contracts import ImageEmbeddings, TextEmbeddings, TokenGeometry
+from muse.contracts import ImageEmbeddings, TextEmbeddings, TokenGeometry, metric
 from muse.datasets.decode import image_bytes, image_tensor, scene_tensor
 from muse.datasets.segments import scene_maps_of
 from muse.datasets.shards import SPLITS, shard_files
@@ -262,7 +262,7 @@ def run(ctx: StageContext) -> Artifact:
         text = TextEmbeddings(encoder=c.text_encoder, dim=encoder.dim, max_length=encoder.max_length)
         del encoder
     clip = inputs.get("clip")
-    image = None if clip is None else ImageEmbeddings(clip=clip.ref, dim=int(clip.manifest.metrics["dim"]))
+    image = None if clip is None else ImageEmbeddings(clip=clip.ref, dim=int(metric(clip, "dim")))
     space = segments.manifest.details["label_space"]
     items = []
     for split in SPLITS:

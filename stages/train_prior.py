@@ -14,19 +14,21 @@ import torch
 import torch.nn.functional as F
 
 from muse.artifacts.store import Artifact
-from muse.config import ConfigError, PipelineConfig
+from muse.config import ConfigError, PipelineConfig, TextEncoderConfig
 from muse.contracts import TokensSchema
 from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.models.prior import Prior, PriorSpec, save_prior
 from muse.models.text import pooled_text
 from muse.stage import StageContext
 from muse.training import TrainLoop, seeded
+from muse.transformer_training import CaptionMemory
 
 NAME = "train-prior"
 INPUTS: tuple[str, ...] = ("tokens", "clip")
 OUTPUTS: tuple[str, ...] = ("prior",)
 CODE_VERSION = "1"
 COLUMNS = ["text_emb", "text_len", "clip_image_emb"]
+PRECOMPUTED = CaptionMemory(TextEncoderConfig(), precomputed=True, device=torch.device("cpu"))  # reads columns only
 
 log = logging.getLogger("muse.stages.train_prior")
 
@@ -41,9 +43,8 @@ def config_of(config: PipelineConfig) -> dict:
 
 
 def pooled(batch: dict) -> torch.Tensor:
-    emb = batch["text_emb"]
-    mask = torch.arange(emb.shape[1], device=emb.device)[None] < batch["text_len"][:, None]
-    return pooled_text(emb, mask)
+    """The batch's pooled caption embeddings, from its precomputed token states."""
+    return pooled_text(*PRECOMPUTED(batch))
 
 
 class PriorObjective:
