@@ -2,8 +2,8 @@
 
     python bench/shard_throughput.py [--n 2000] [--size 512] [--resolution 256]
 
-Generates N 512px JPEGs once (cached in /tmp), shards them with 1 and 2 workers,
-then runs img2dataset (its CLI, on PATH or --img2dataset; install it in its own
+Generates N 512px JPEGs once (cached in /tmp), shards them with 1 and 2 workers of the
+process pool and of Ray tasks (`shard.engine: ray`, a local Ray of 1 and 2 CPUs), then runs img2dataset (its CLI, on PATH or --img2dataset; install it in its own
 environment: it pins webdataset<0.3) on the same files given as file:// URLs with
 the same output size. Prints images/s and the per-core ratio. Goal: >= 1.0x.
 """
@@ -41,10 +41,17 @@ def make_images(root: Path, n: int, size: int) -> Path:
     return folder
 
 
-def bench_shard(folder: Path, workers: int, resolution: int, n: int) -> float:
+def bench_shard(folder: Path, workers: int, resolution: int, n: int, engine: str = "processes") -> float:
+    """Images/s of the shard stage; with engine ray, on a local Ray of `workers` CPUs started for the run
+    (its start-up is not counted: a cluster is up before a run)."""
+    if engine == "ray":
+        import ray
+
+        ray.shutdown()
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config("tiny", overrides=[
-            f"shard.source={folder}", f"shard.workers={workers}", "shard.image_format=jpg",
+            f"shard.source={folder}", f"shard.workers={workers}", "shard.image_format=jpg", f"shard.engine={engine}",
             f"train_vqgan.low.resolution={resolution}", f"train_vqgan.high.resolution={resolution}",
         ])
         t = time.perf_counter()
@@ -80,8 +87,10 @@ def main() -> None:
     print(f"{args.n} JPEGs of {args.size}px in {folder}; output {args.resolution}px JPEG")
     for workers in (1, 2):
         ours = bench_shard(folder, workers, args.resolution, args.n)
+        on_ray = bench_shard(folder, workers, args.resolution, args.n, "ray")
         theirs = bench_img2dataset(args.img2dataset, folder, workers, args.resolution, args.n)
-        line = f"workers={workers}: muse shard {ours:7.1f} img/s ({ours / workers:6.1f}/core)"
+        line = (f"workers={workers}: muse shard {ours:7.1f} img/s ({ours / workers:6.1f}/core) | on Ray "
+                f"{on_ray:7.1f} img/s ({on_ray / ours:.2f}x the pool)")
         if theirs:
             line += f" | img2dataset {theirs:7.1f} img/s ({theirs / workers:6.1f}/core) | ratio {ours / theirs:.2f}x"
         print(line, flush=True)

@@ -4,7 +4,8 @@ Each stage is a task that resolves its input artifacts, derives the version its
 outputs would have, and either reuses them ("up to date") or calls the stage's
 `run`. Tasks pass only `{kind: version}` references; data stays in the store.
 Stages with no path between them (train-base, train-superres, finetune-decoder)
-are submitted together and run concurrently. Before any stage runs, each stage's
+are submitted together and run concurrently, each holding its GPUs while it trains
+(`muse.placement`: never two on one device unless the config allows it). Before any stage runs, each stage's
 `preflight(config)` (where it has one) checks what can be known up front (extras,
 weights, scene maps) and says what it will do. A user's mistake (`UserError`) ends
 the task and the run in a Failed state whose message is that one line, not a traceback.
@@ -13,6 +14,7 @@ the task and the run in a Failed state whose message is that one line, not a tra
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger, task
@@ -25,6 +27,7 @@ from muse.artifacts.remote import open_store
 from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact
 from muse.config import ConfigError, PipelineConfig, load_config
 from muse.errors import UserError
+from muse.placement import placed
 from muse.progress import reporting
 from muse.stage import StageContext
 
@@ -112,8 +115,8 @@ def _produce(name, stage, ctx: StageContext, versions: dict[str, str], force: bo
     logger.info("%s: producing %s from %s", name, ", ".join(f"{k}:{v}" for k, v in versions.items()),
                 ", ".join(f"{k}:{v}" for k, v in ctx.input_versions.items()) or "no inputs")
     clock = time.perf_counter()
-    with reporting(ProgressArtifacts(name)):  # the stage's long work as progress bars in the UI
-        result = stage.run(ctx)
+    with placed(name, ctx.config) as device, reporting(ProgressArtifacts(name)):  # progress bars in the UI
+        result = stage.run(ctx if device is None else replace(ctx, device=device))
     record_timing(store.root / ".work", name, time.perf_counter() - clock)  # the next run's ETA
     outputs = [result] if isinstance(result, Artifact) else list(result)
     kinds = sorted(a.kind for a in outputs)

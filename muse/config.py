@@ -85,7 +85,12 @@ class ShardConfig(Section):
     samples_per_shard: int = Field(1000, ge=1, description="Samples per tar file.")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of keys hashed into the val split.")
     dedupe: bool = Field(True, description="Drop samples whose original bytes repeat an earlier sample's.")
-    workers: int = Field(2, ge=1, description="Decode/resize processes.")
+    workers: int = Field(2, ge=1, description="Decode/resize processes (engine: processes).")
+    engine: Literal["processes", "ray"] = Field("processes", description=(
+        "Where images are decoded, resized and encoded: a pool of `workers` processes here, or Ray tasks over the "
+        "cluster (ray.address; a local Ray without it), for sources one machine cannot decode in time. Local "
+        "source files must then be on a file system every node mounts (URLs are read here). The same bytes "
+        "either way."))
 
 
 # ----------------------------------------------------------------------------- models
@@ -195,6 +200,12 @@ class TrainConfig(Section):
     compile: bool = Field(False, description=(
         "torch.compile the trained modules' forward (fuses the norms and pointwise ops around the matmuls). "
         "Costs a compile at the first step, so the CPU presets leave it off."))
+    activation_checkpointing: bool = Field(False, description=(
+        "Recompute each transformer block's activations in backward instead of keeping them: the activations "
+        "of one block instead of all, for one more forward per step; the same weights."))
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description=(
+        "adamw: torch's AdamW (fused on a GPU); adamw8bit: bitsandbytes' AdamW with 8-bit moments, a quarter "
+        "of the optimizer state's memory (`pip install 'muse-pipeline[bnb]'`)."))
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints in .work/.")
     log_every: int = Field(50, ge=1, description="Steps between logged figures.")
     shuffle_buffer: int = Field(256, ge=1, description="Samples in the streaming shuffle buffer.")
@@ -204,8 +215,10 @@ class TrainConfig(Section):
 
     def versioned(self) -> dict:
         """The knobs that change what is trained, for an artifact's version: how often it logs or checkpoints,
-        the MFU peak and compiling (the same math, fused) leave the weights alone."""
-        return self.model_dump(mode="json", exclude={"log_every", "checkpoint_every", "peak_tflops", "compile"})
+        the MFU peak, compiling and activation checkpointing (the same math) leave the weights alone; the
+        default optimizer is left out, so the versions made before it was a knob stand."""
+        same = {"log_every", "checkpoint_every", "peak_tflops", "compile", "activation_checkpointing"}
+        return self.model_dump(mode="json", exclude=same | ({"optimizer"} if self.optimizer == "adamw" else set()))
 
 
 # ----------------------------------------------------------------------------- stages
@@ -220,12 +233,25 @@ class RayConfig(Section):
         "Show Ray Data's own progress blocks and execution plans; the stages log their own progress and ETA."))
 
 
+class PlacementConfig(Section):
+    """How the stages a flow runs side by side share this machine's GPUs (`muse.placement`)."""
+
+    stages_per_gpu: int = Field(1, ge=1, description=(
+        "Stages that may train on one GPU at once; 1 = one after another when there are fewer GPUs than stages "
+        "(each muse preset stage is sized for a whole GPU); raise it for models that fit together."))
+
+
 class WorkersConfig(Section):
     """Data-parallel scale-out of a training stage on Ray Train (DDP; the data is sharded by rank)."""
 
     num_workers: int = Field(1, ge=1, description="Training processes; 1 trains in-process without Ray.")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); False = CPU workers (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker.")
+
+    def versioned(self) -> dict:
+        """What changes the weights, for an artifact's version: how many workers share the data (each reads its
+        own files), not where they run."""
+        return {"num_workers": self.num_workers}
 
 
 class PanopticSegmenterConfig(Section):
@@ -331,6 +357,8 @@ class TrainVQGANConfig(Section):
     loss: VQLossConfig = Field(default_factory=VQLossConfig, description="Image tokenizer losses.")
     face_class_weight: float = Field(5.0, ge=1, description="Cross-entropy weight of face-part labels (vqseg).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop (each tokenizer).")
+    workers: WorkersConfig = Field(default_factory=WorkersConfig, description=(
+        "Ray Train data parallelism of each tokenizer (train.batch_size per worker; the discriminator too)."))
     overrides: dict[Literal["low", "high", "seg"], TrainOverride] = Field(
         {}, description="Per-tokenizer steps / batch size, e.g. a smaller batch for the high-res one."
     )
@@ -389,6 +417,10 @@ class TransformerConfig(Section):
         "Super-res only: also add the encoded low-res tokens, upsampled to the high-res grid, to the input "
         "embeddings (besides the cross-attention memory of the paper). Each high-res token then sees the "
         "low-res token it refines at its own position."))
+    cond_upsample: Literal["nearest", "subpixel"] = Field("nearest", description=(
+        "Super-res with cond_aligned: how the low-res grid reaches the high-res one. nearest: each low-res vector "
+        "copied to the positions it covers; subpixel: a 3x3 convolution and pixel shuffle, so each high-res "
+        "position gets its own projection of its low-res token and their neighbours (where an outline runs)."))
     pooled_text: bool = Field(False, description=(
         "Give the memory a global token made from the pooled caption embedding (aMUSEd), the masked mean of its "
         "token embeddings; it is hidden with the text when the text is dropped."))
@@ -532,6 +564,8 @@ class FinetuneDecoderConfig(Section):
     channel_mult: float = Field(1.5, ge=1.0, description="Decoder width relative to the original.")
     loss: VQLossConfig = Field(default_factory=VQLossConfig, description="Reconstruction, LPIPS and GAN losses.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    workers: WorkersConfig = Field(default_factory=WorkersConfig, description=(
+        "Ray Train data parallelism (train.batch_size per worker; the discriminator too)."))
 
 
 class SamplerConfig(Section):
@@ -595,6 +629,7 @@ class PipelineConfig(Section):
     preset: str = Field("custom", description="Name of the preset this config started from (informational).")
     demo: DemoConfig = Field(default_factory=DemoConfig, description="Demo dataset.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray runtime for fan-out stages.")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig, description="GPUs of concurrent stages.")
     shard: ShardConfig = Field(default_factory=ShardConfig, description="Stage shard.")
     segment: SegmentConfig = Field(default_factory=SegmentConfig, description="Stage segment.")
     train_vqgan: TrainVQGANConfig = Field(..., description="Stage train-vqgan.")

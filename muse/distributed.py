@@ -4,7 +4,9 @@
 (a laptop needs no Ray), or on every worker of a Ray Train `TorchTrainer`, which starts the
 process group (gloo on CPU, NCCL on GPU). Inside `fn`, `rank_world()` shards the data,
 `worker_device()` picks the device and `wrap_ddp(module)` makes its forward average gradients
-across workers. Rank 0's returned figures come back to the caller; rank 0 alone writes files.
+across workers; objectives with several optimizers and backward passes (a GAN) have the loop
+average their gradients instead (`average_gradients`). Rank 0's returned figures come back to
+the caller; rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -56,6 +58,35 @@ def wrap_ddp(module: nn.Module) -> nn.Module:
         return module
     device = next(module.parameters()).device
     return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Average the gradients of `params` over the process group in one flattened all-reduce: what DDP does in
+    backward, for objectives whose GAN game (two optimizers, gradients taken at the last layer) DDP's reducer
+    cannot follow. Every rank holds gradients for the same parameters (which ones depends on the step only)."""
+    _, world = rank_world()
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(averaged)
+
+
+def broadcast_buffers(modules: list[nn.Module]) -> None:
+    """Rank 0's buffers (BatchNorm statistics, say) to every rank, as DDP does before each forward: the
+    replicas stay identical whichever rank's checkpoint is read."""
+    _, world = rank_world()
+    # detached: the quantizer keeps its codebook in a buffer that requires grad
+    buffers = [b.detach() for m in modules for b in m.buffers() if b.dtype.is_floating_point]
+    if world == 1 or not buffers:
+        return
+    flat = torch._utils._flatten_dense_tensors(buffers)
+    dist.broadcast(flat, 0)
+    for buffer, synced in zip(buffers, torch._utils._unflatten_dense_tensors(flat, buffers)):
+        buffer.copy_(synced)
 
 
 FIGURES = "rank0-figures.json"

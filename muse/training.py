@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import os
@@ -35,12 +36,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from muse.config import TrainConfig
 from muse.progress import report
 from muse.errors import UserError
-from muse.distributed import autocast
+from muse.distributed import autocast, average_gradients, broadcast_buffers, rank_world
 
 log = logging.getLogger("muse.training")
 CHECKPOINT = "checkpoint.pt"
@@ -60,6 +62,8 @@ class Objective(Protocol):
     # Optional: `generator`, a torch.Generator the objective draws its randomness from (masks, condition
     # dropout) instead of the global RNG, which stages training in concurrent threads share; the loop
     # checkpoints and restores its state, so a resumed run still continues exactly.
+    # Optional: `averages_gradients = True` when the objective's forward is DDP-wrapped (backward averages the
+    # gradients over the workers); otherwise the loop averages them itself before each optimizer step.
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -74,6 +78,37 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return f
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over `params` (fused into one kernel on a GPU), or bitsandbytes' 8-bit AdamW."""
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("train.optimizer adamw8bit needs bitsandbytes: pip install 'muse-pipeline[bnb]'") from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def checkpoint_blocks(module: nn.Module) -> int:
+    """Activation checkpointing from outside the model: every block of every `blocks` list in `module` recomputes
+    its activations in backward (its state-dict keys stay as they are); returns how many blocks."""
+    count = 0
+    for m in module.modules():
+        blocks = getattr(m, "blocks", None)
+        if isinstance(blocks, nn.ModuleList):
+            for block in blocks:
+                block.forward = functools.partial(_checkpointed, block.forward)
+                count += 1
+    return count
+
+
+def _checkpointed(forward: Callable, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def _rng_state() -> dict:
@@ -161,16 +196,16 @@ class TrainLoop:
         self.device = torch.device(device)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.optimizers = {
-            opt: torch.optim.AdamW(
-                [p for m in mods for p in objective.modules[m].parameters() if p.requires_grad],
-                lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                fused=self.device.type == "cuda",  # one kernel for all parameters on a GPU
-            )
+            opt: make_optimizer(cfg, [p for m in mods for p in objective.modules[m].parameters() if p.requires_grad],
+                                self.device)
             for opt, mods in objective.optimizers.items()
         }
         self.schedules = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for k, o in self.optimizers.items()}
         self.ema = {m: copy.deepcopy(objective.modules[m]).eval().requires_grad_(False) for m in objective.ema} \
             if cfg.ema_decay > 0 else {}
+        if cfg.activation_checkpointing:  # after the EMA copies, which never run backward
+            for module in objective.modules.values():
+                checkpoint_blocks(module)
         if cfg.compile:  # in place: the state-dict keys (checkpoints, EMA, artifacts) stay those of the eager module
             for module in objective.modules.values():
                 module.compile()
@@ -275,6 +310,7 @@ class TrainLoop:
         batches = data(self.position)
         params = {opt: [p for m in mods for p in self.objective.modules[m].parameters() if p.requires_grad]
                   for opt, mods in self.objective.optimizers.items()}
+        sync_replicas = rank_world()[1] > 1 and not getattr(self.objective, "averages_gradients", False)
         writer = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -305,6 +341,9 @@ class TrainLoop:
                     for opt, ps in params.items():
                         if opt in losses and losses[opt].requires_grad:
                             (losses[opt] / cfg.grad_accum).backward(inputs=ps)
+                if sync_replicas:
+                    for ps in params.values():
+                        average_gradients(ps)
                 for opt, o in self.optimizers.items():
                     if cfg.grad_clip > 0:
                         sums[f"grad_norm/{opt}"] = torch.nn.utils.clip_grad_norm_(params[opt], cfg.grad_clip)
@@ -319,6 +358,8 @@ class TrainLoop:
                             f"{self.name}: non-finite {k} ({value}) at step {self.step}; "
                             f"training stopped, last good checkpoint: {last} ({self.checkpoint_path})"
                         )
+                if sync_replicas:
+                    broadcast_buffers(list(self.objective.modules.values()))
                 self._update_ema()
                 self.step += 1
                 self.position += samples

@@ -91,6 +91,7 @@ class MaskedObjective:
         self.text_drop_rate, self.label_smoothing = text_drop_rate, label_smoothing
         self.scene_drop_rate, self.image_drop_rate = scene_drop_rate, image_drop_rate
         self.forward = wrap_ddp(MaskedLM(model))  # DDP inside a Ray Train process group, plain otherwise
+        self.averages_gradients = True  # DDP's backward does it (a plain module has one worker's to average)
         self.modules: dict[str, nn.Module] = {"transformer": model}
         self.optimizers = {"loss": ["transformer"]}
         self.ema = ["transformer"]
@@ -236,6 +237,7 @@ def transformer_spec(model_cfg, geometry: dict[str, TokenGeometry], text_dim: in
         cond_levels=tuple(geometry[cond].fsq_levels) if cond else (),
         cond_side=geometry[cond].side if cond else 0, cond_depth=model_cfg.cond_depth,
         cond_aligned=bool(cond) and model_cfg.cond_aligned,
+        cond_upsample=model_cfg.cond_upsample if cond else "nearest",
         scene_codebook_size=geometry["seg_tokens"].codebook_size if scene else 0,
         scene_side=geometry["seg_tokens"].side if scene else 0,
         pooled_text=model_cfg.pooled_text, micro_conditions=tuple(model_cfg.micro_conditions), image_dim=image_dim)

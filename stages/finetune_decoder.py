@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact
-from muse.config import PipelineConfig, VQLossConfig
+from muse.config import PipelineConfig, TrainConfig, VQLossConfig
 from muse.datasets.decode import image_decoder
 from muse.datasets.shards import shard_files
 from muse.datasets.stream import batches, iter_tar, sample_stream
+from muse.distributed import fit, rank_world, worker_device
 from muse.models.image_loss import ImageLoss, lpips_status, perceptual_loss, psnr
 from muse.models.vqgan import (
     LatentDecoder,
@@ -33,7 +36,7 @@ from muse.models.vqgan import (
     save_decoder,
 )
 from muse.stage import StageContext
-from muse.training import TrainLoop, seed_everything
+from muse.training import TrainLoop, seeded
 
 NAME = "finetune-decoder"
 INPUTS: tuple[str, ...] = ("shards", "vqgan-high")
@@ -46,7 +49,7 @@ log = logging.getLogger("muse.stages.finetune_decoder")
 def config_of(config: PipelineConfig) -> dict:
     """The decoder's shape, losses and the training knobs that change its weights."""
     c = config.finetune_decoder
-    return c.model_dump(mode="json") | {"train": c.train.versioned()}
+    return c.model_dump(mode="json") | {"train": c.train.versioned(), "workers": c.workers.versioned()}
 
 
 def tokenizer_digest(model: VQModel) -> str:
@@ -105,30 +108,74 @@ def compare(tokenizer: VQModel, decoder: LatentDecoder, files: list[Path], resol
     return {k: round(v / max(n, 1), 4) for k, v in sums.items()} | {"val_samples": n}, rows
 
 
+TRAINED = "trained.safetensors"  # rank 0's final (EMA) decoder in the work dir, read back by the driver
+
+
+@dataclass
+class DecoderJob:
+    """Everything a decoder-finetuning worker needs, picklable for Ray Train."""
+
+    tokenizer_path: Path  # the vqgan-high artifact whose decoder is replaced
+    extra_res_blocks: int
+    channel_mult: float
+    loss_cfg: VQLossConfig
+    train_cfg: TrainConfig
+    train_files: list[Path]
+    work_dir: Path
+
+    @property
+    def trained_path(self) -> Path:
+        return self.work_dir / TRAINED
+
+    def build(self, tokenizer: VQModel) -> tuple[LatentDecoder, int]:
+        """(the new decoder, started from the tokenizer's where shapes allow; tensors copied): the same on every
+        worker."""
+        with seeded(self.train_cfg.seed):
+            decoder = LatentDecoder(tokenizer.cfg, 3, self.extra_res_blocks, self.channel_mult)
+        return decoder, init_from(decoder, tokenizer)
+
+
+def fit_worker(job: DecoderJob) -> dict:
+    """Train on this worker's share of the train tars (rank-strided files); rank 0 saves the (EMA) decoder."""
+    rank, world = rank_world()
+    device = worker_device()
+    tokenizer = from_pretrained(job.tokenizer_path).to(device)
+    before = tokenizer_digest(tokenizer)
+    decoder, _ = job.build(tokenizer)
+    objective = DecoderObjective(tokenizer, decoder, job.loss_cfg, perceptual_loss(job.loss_cfg, device))
+    for module in objective.modules.values():
+        module.to(device)
+    loop = TrainLoop(job.train_cfg, objective, job.work_dir, "decoder", device, rank=rank)
+    cfg, decode = job.train_cfg, image_decoder(tokenizer.cfg.resolution)
+    figures = loop.run(lambda position: batches(sample_stream(job.train_files, cfg.seed, position, cfg.shuffle_buffer,
+                                                              rank, world), cfg.batch_size, decode))
+    if tokenizer_digest(tokenizer) != before:
+        raise RuntimeError("finetune-decoder changed the frozen encoder/codebook: token ids would no longer match")
+    if rank == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in loop.trained("decoder").state_dict().items()},
+                  str(job.trained_path))
+    return {**figures, "steps": loop.step, "workers": world}
+
+
 def run(ctx: StageContext) -> Artifact:
-    """Finetune a larger decoder for `vqgan-high` and commit it as `decoder`."""
+    """Finetune a larger decoder for `vqgan-high` (in-process, or on Ray Train workers) and commit it as
+    `decoder`."""
     c, device = ctx.config.finetune_decoder, ctx.device
     shards, high = ctx.inputs["shards"], ctx.inputs["vqgan-high"]
     tokenizer = from_pretrained(high.path).to(device)
     before = tokenizer_digest(tokenizer)
-    seed_everything(c.train.seed)
-    decoder = LatentDecoder(tokenizer.cfg, 3, c.extra_res_blocks, c.channel_mult).to(device)
-    copied = init_from(decoder, tokenizer)
-    objective = DecoderObjective(tokenizer, decoder, c.loss, perceptual_loss(c.loss, device))
-    for module in objective.modules.values():
-        module.to(device)
-    log.info("finetune-decoder: %.2fM -> %.2fM decoder parameters, %d tensors initialised from vqgan-high",
-             sum(p.numel() for n, p in tokenizer.named_parameters() if n.startswith(("decoder.", "post_quant")))
-             / 1e6, sum(p.numel() for p in decoder.parameters()) / 1e6, copied)
     train_files = shard_files(shards.path, "train")
     val_files = shard_files(shards.path, "val") or train_files
-    loop = TrainLoop(c.train, objective, ctx.work_dir("decoder"), "decoder", device)
-    decode = image_decoder(tokenizer.cfg.resolution)
-    figures = loop.run(lambda position: batches(sample_stream(train_files, c.train.seed, position, c.train.shuffle_buffer),
-                                                c.train.batch_size, decode))
-    trained = loop.trained("decoder")
-    if tokenizer_digest(tokenizer) != before:
-        raise RuntimeError("finetune-decoder changed the frozen encoder/codebook: token ids would no longer match")
+    job = DecoderJob(high.path, c.extra_res_blocks, c.channel_mult, c.loss, c.train, train_files,
+                     ctx.work_dir("decoder"))
+    trained, copied = job.build(tokenizer)
+    log.info("finetune-decoder: %.2fM -> %.2fM decoder parameters, %d tensors initialised from vqgan-high",
+             sum(p.numel() for n, p in tokenizer.named_parameters() if n.startswith(("decoder.", "post_quant")))
+             / 1e6, sum(p.numel() for p in trained.parameters()) / 1e6, copied)
+    figures = fit(fit_worker, job, c.workers, ctx.config.ray, job.work_dir)
+    steps, world = int(figures.pop("steps")), int(figures.pop("workers"))
+    trained.load_state_dict(load_file(str(job.trained_path)))
+    trained.to(device)
     metrics, rows = compare(tokenizer, trained, val_files, tokenizer.cfg.resolution, device)
     with ctx.commit("decoder", figures) as out:
         save_decoder(trained, out.path, {"tokenizer": f"vqgan-high:{high.version}", "tokenizer_sha256": before})
@@ -136,7 +183,7 @@ def run(ctx: StageContext) -> Artifact:
             (out.path / PREVIEW_DIR).mkdir()
             Image.fromarray(np.concatenate(rows, 0)).save(out.path / PREVIEW_DIR / "input-old-new.png")
         out.metrics = {**metrics, "psnr_gain": round(metrics["new_psnr"] - metrics["old_psnr"], 4),
-                       "steps": loop.step, "initialised_tensors": copied}
+                       "steps": steps, "workers": world, "initialised_tensors": copied}
         out.details = {"lpips": lpips_status(c.loss)}
     log.info("finetune-decoder: val %s", metrics)
     return out.artifact

@@ -1,7 +1,7 @@
 """Stage `shard`: ingest image-caption data into webdataset shards (the `shards` artifact).
 
 Items of the source are enumerated in a fixed order and processed in windows by
-a process pool: decode (EXIF orientation applied, any mode -> RGB, alpha over
+a process pool, or by Ray tasks across a cluster (`shard.engine: ray`): decode (EXIF orientation applied, any mode -> RGB, alpha over
 white), reject what cannot be used, resize the shorter side and center-crop to
 the largest resolution a tokenizer reads, encode. The main process then drops
 exact duplicates (first occurrence wins), assigns the split by hashing the
@@ -23,7 +23,7 @@ import multiprocessing
 import re
 import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -58,6 +58,7 @@ REJECT_REASONS = (
 )
 EXAMPLES_PER_REASON = 5
 WINDOW = 256  # items in flight: bounds memory whatever the source size
+RAY_CHUNK = 64  # items per Ray task: enough work to outweigh a task's scheduling
 
 log = logging.getLogger("muse.stages.shard")
 
@@ -99,10 +100,11 @@ def source_kind(config: PipelineConfig) -> str:
 
 
 def config_of(config: PipelineConfig) -> dict:
-    """Shard settings (not `workers`: output does not depend on it), crop size, and the source's identity."""
+    """Shard settings (not `workers` or `engine`: the output does not depend on them), crop size, and the source's
+    identity."""
     kind = source_kind(config)
     return {
-        "shard": config.shard.model_dump(mode="json", exclude={"workers"}),
+        "shard": config.shard.model_dump(mode="json", exclude={"workers", "engine"}),
         "source_kind": kind,
         "resolution": config.image_resolution,
         "demo": config.demo.model_dump(mode="json") if kind == "demo" else None,
@@ -240,15 +242,43 @@ def _windows(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield window
 
 
-def _process_all(items: Iterable[Item], params: ImageParams, workers: int) -> Iterator[Processed | Rejected]:
-    """Results in item order; a spawn pool (safe beside Prefect's threads) when workers > 1."""
-    if workers == 1:
+def _process_all(items: Iterable[Item], params: ImageParams, config: PipelineConfig) -> Iterator[Processed | Rejected]:
+    """Results in item order: in this process, a spawn pool (safe beside Prefect's threads) or Ray tasks."""
+    c = config.shard
+    if c.engine == "ray":
+        yield from _process_on_ray(items, params, config)
+        return
+    if c.workers == 1:
         for item in items:
             yield process(item, params)
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(c.workers) as pool:
         for window in _windows(items, WINDOW):
             yield from pool.starmap(process, [(item, params) for item in window], chunksize=8)
+
+
+def _process_chunk(items: list[Item], params: ImageParams) -> list[Processed | Rejected]:
+    return [process(item, params) for item in items]
+
+
+def _process_on_ray(items: Iterable[Item], params: ImageParams,
+                    config: PipelineConfig) -> Iterator[Processed | Rejected]:
+    """Chunks of RAY_CHUNK items as Ray tasks, two per cluster CPU in flight (bounded memory), read back in order."""
+    import ray
+
+    from muse.ray_runtime import init_ray
+
+    init_ray(config.ray)
+    task = ray.remote(_process_chunk)
+    in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    log.info("shard: Ray tasks of %d items, %d in flight", RAY_CHUNK, in_flight)
+    pending: deque = deque()
+    for chunk in _windows(items, RAY_CHUNK):
+        pending.append(task.remote(chunk, params))
+        if len(pending) >= in_flight:
+            yield from ray.get(pending.popleft())
+    while pending:
+        yield from ray.get(pending.popleft())
 
 
 def _preview(samples: list[tuple[bytes, str]], path: Path, thumb: int = 128) -> None:
@@ -276,8 +306,9 @@ def run(ctx: StageContext) -> Artifact:
     items = iter_items(kind, c.source, c.image_column, c.caption_column, c.key_column,
                        config.demo.num_samples, config.demo.image_size, config.demo.seed)
     total = config.demo.num_samples if kind == "demo" else None
-    log.info("shard: reading %s source %s at %dpx (%s) with %d workers",
-             kind, c.source or "(demo)", params.resolution, c.image_format, c.workers)
+    log.info("shard: reading %s source %s at %dpx (%s) with %s",
+             kind, c.source or "(demo)", params.resolution, c.image_format,
+             "Ray tasks" if c.engine == "ray" else f"{c.workers} workers")
 
     read, rejected, flagged = 0, Counter(), Counter()
     examples: dict[str, list[str]] = {}
@@ -297,7 +328,7 @@ def run(ctx: StageContext) -> Artifact:
                                          maxsize=float("inf"), verbose=0, mtime=0.0)
         bar = tqdm(total=total, unit="img", desc="shard", mininterval=2.0, disable=None)  # a terminal only
         try:
-            for index, result in enumerate(_process_all(items, params, c.workers)):
+            for index, result in enumerate(_process_all(items, params, config)):
                 read += 1
                 bar.update(1)
                 if isinstance(result, Processed):

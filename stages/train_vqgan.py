@@ -17,25 +17,29 @@ recorded no scene maps, `vqseg` records that too and holds no model.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact
-from muse.config import ConfigError, PipelineConfig, TrainConfig, VQLossConfig, VQModelConfig
+from muse.config import ConfigError, PipelineConfig, TrainConfig, VQLossConfig, VQModelConfig, WorkersConfig
 from muse.datasets.decode import image_decoder, scene_decoder
 from muse.datasets.labels import build_label_space, palette
 from muse.datasets.segments import details as scene_details
 from muse.datasets.segments import scene_maps_of
 from muse.datasets.stream import batches, iter_tar, sample_stream
+from muse.distributed import fit, rank_world, worker_device
 from muse.models.image_loss import ImageLoss, lpips_status, perceptual_loss, psnr
 from muse.models.vqgan import VQModel, from_pretrained, save_pretrained
 from muse.stage import OutputSpec, StageContext
-from muse.training import TrainLoop, seed_everything
+from muse.training import TrainLoop, seeded
 
 NAME = "train-vqgan"
 INPUTS: tuple[str, ...] = ("shards", "segments")
@@ -66,29 +70,34 @@ def outputs(config: PipelineConfig, input_versions: dict[str, str]) -> dict[str,
 
     image = {"shards": input_versions["shards"]}
     specs = {kind: OutputSpec({"tokenizer": getattr(c, name).versioned(), "loss": c.loss.model_dump(mode="json"),
-                               "train": c.train_for(name).versioned()}, inputs(name, image))
+                               "train": c.train_for(name).versioned(), "workers": c.workers.versioned()},
+                              inputs(name, image))
              for kind, name in (("vqgan-low", "low"), ("vqgan-high", "high"))}
     specs["vqseg"] = OutputSpec({"tokenizer": c.seg.versioned(), "train": c.train_for("seg").versioned(),
+                                 "workers": c.workers.versioned(),
                                  "face_class_weight": c.face_class_weight,
                                  "dataset_classes": list(config.segment.dataset_classes)},
                                 inputs("seg", {"segments": input_versions["segments"]}))
     return specs
 
 
-def warm_start(ctx: StageContext, name: str, kind: str, model: VQModel) -> None:
-    """Load the weights `train_vqgan.init.<name>` names into `model`, whose architecture they must fit."""
+def warm_start(ctx: StageContext, name: str, job: TokenizerJob) -> Path | None:
+    """The weights file for `train_vqgan.init.<name>`, checked against the architecture `job` builds; None
+    without."""
     c = ctx.config.train_vqgan
     if name not in c.init:
-        return
+        return None
     key = f"train_vqgan.init.{name}"
-    trained = from_pretrained(ctx.warm_start_artifact(key, c.init[name], kind).path)
-    theirs, ours = trained.state_dict(), model.state_dict()
+    trained = from_pretrained(ctx.warm_start_artifact(key, c.init[name], job.kind).path)
+    theirs, ours = trained.state_dict(), job.build().state_dict()
     differ = [f"{k} {tuple(theirs[k].shape) if k in theirs else 'missing'} != {tuple(v.shape)}"
               for k, v in ours.items() if k not in theirs or theirs[k].shape != v.shape]
     if differ or theirs.keys() != ours.keys():
         raise ConfigError(f"{key} {c.init[name]!r}: its architecture is not the one train_vqgan.{name} builds "
                           f"({'; '.join(differ[:3]) or 'other layers'}, theirs first)")
-    model.load_state_dict(theirs)
+    path = job.work_dir / "init.safetensors"
+    save_file({k: v.contiguous() for k, v in theirs.items()}, str(path))
+    return path
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -202,29 +211,76 @@ def save_preview(inputs: torch.Tensor, recon: torch.Tensor, path: Path, scene: b
 # ----------------------------------------------------------------------------- the stage
 
 
-def _train_one(ctx: StageContext, kind: str, model_cfg: VQModelConfig, train_cfg: TrainConfig, objective,
-               data: Artifact, decode, channels: int, extra: dict) -> Artifact:
-    """Train tokenizer `kind` on the tars of `data` (shards, or segments for the scene tokenizer) and commit it."""
-    scene, device = kind == "vqseg", ctx.device
-    train_files, val_files = _tars(data, "train"), _tars(data, "val")
-    loop = TrainLoop(train_cfg, objective, ctx.work_dir(kind), kind, device)
-    seed = train_cfg.seed
+TRAINED = "trained.safetensors"  # rank 0's final (EMA) weights in the work dir, read back by the driver
 
-    def data(position: int):
-        return batches(sample_stream(train_files, seed, position, train_cfg.shuffle_buffer), train_cfg.batch_size,
-                       decode)
 
-    figures = loop.run(data)
-    model = loop.trained("vq")
-    metrics, first = evaluate(model, val_files or train_files, decode, train_cfg.batch_size, scene, device)
+@dataclass
+class TokenizerJob:
+    """Everything a tokenizer's training worker needs, picklable for Ray Train."""
+
+    kind: str
+    model_cfg: VQModelConfig
+    train_cfg: TrainConfig
+    loss_cfg: VQLossConfig
+    channels: int  # in = out: 3 for images, labels + edge for the scene tokenizer
+    train_files: list[Path]
+    decode: Callable[[dict[str, bytes]], torch.Tensor]
+    work_dir: Path
+    class_weights: list[float] | None = None  # the scene tokenizer's cross-entropy weights; None = an image tokenizer
+    init_weights: Path | None = None  # warm start: the weights training begins from; None = random
+
+    @property
+    def trained_path(self) -> Path:
+        return self.work_dir / TRAINED
+
+    def build(self) -> VQModel:
+        """The untrained model, the same on every worker; built inside the process group, so its codebook
+        all-reduces its EMA statistics and k-means samples over the workers."""
+        with seeded(self.train_cfg.seed):
+            return VQModel(self.model_cfg, self.channels, self.channels)
+
+
+def fit_worker(job: TokenizerJob) -> dict:
+    """Train on this worker's share of the train tars (rank-strided files); rank 0 saves the (EMA) weights."""
+    rank, world = rank_world()
+    device = worker_device()
+    model = job.build()
+    if job.init_weights is not None:  # before the loop copies it for EMA; a resumed checkpoint overrides both
+        model.load_state_dict(load_file(str(job.init_weights)))
+    if job.class_weights is None:
+        objective = ImageObjective(model, job.loss_cfg, perceptual_loss(job.loss_cfg, device))
+    else:
+        objective = SceneObjective(model, torch.tensor(job.class_weights))
+    for module in objective.modules.values():
+        module.to(device)
+    loop = TrainLoop(job.train_cfg, objective, job.work_dir, job.kind, device, rank=rank)
+    cfg = job.train_cfg
+    figures = loop.run(lambda position: batches(sample_stream(job.train_files, cfg.seed, position, cfg.shuffle_buffer,
+                                                              rank, world), cfg.batch_size, job.decode))
+    if rank == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in loop.trained("vq").state_dict().items()},
+                  str(job.trained_path))
+    return {**figures, "steps": loop.step, "workers": world}
+
+
+def _train_one(ctx: StageContext, job: TokenizerJob, data: Artifact, workers: WorkersConfig, extra: dict) -> Artifact:
+    """Train tokenizer `job.kind` (in-process, or on Ray Train workers) and commit it with its val figures."""
+    kind, scene, device = job.kind, job.class_weights is not None, ctx.device
+    val_files = _tars(data, "val")
+    figures = fit(fit_worker, job, workers, ctx.config.ray, job.work_dir)
+    steps, world = int(figures.pop("steps")), int(figures.pop("workers"))
+    model = job.build()
+    model.load_state_dict(load_file(str(job.trained_path)))
+    model.to(device)
+    metrics, first = evaluate(model, val_files or job.train_files, job.decode, job.train_cfg.batch_size, scene, device)
     with ctx.commit(kind, figures) as out:
-        save_pretrained(model, out.path, channels, channels, extra)
+        save_pretrained(model, out.path, job.channels, job.channels, extra)
         if first is not None:
             save_preview(*first, out.path / PREVIEW_DIR / "reconstructions.png", scene)
-        out.metrics = {**metrics, "steps": loop.step}
-        out.details = {"resolution": model_cfg.resolution, "token_side": model_cfg.token_side,
-                       "codebook_size": model_cfg.codebook_size, "val_split": "val" if val_files else "train",
-                       **({} if scene else {"lpips": lpips_status(ctx.config.train_vqgan.loss)}),
+        out.metrics = {**metrics, "steps": steps, "workers": world}
+        out.details = {"resolution": job.model_cfg.resolution, "token_side": job.model_cfg.token_side,
+                       "codebook_size": job.model_cfg.codebook_size, "val_split": "val" if val_files else "train",
+                       **({} if scene else {"lpips": lpips_status(job.loss_cfg)}),
                        **({"init": init[TOKENIZERS[kind]]} if TOKENIZERS[kind] in (init := ctx.config.train_vqgan.init)
                           else {})}
     log.info("%s: val %s", kind, metrics)
@@ -237,24 +293,19 @@ def _tars(art: Artifact, split: str) -> list[Path]:
 
 def run(ctx: StageContext) -> list[Artifact]:
     """Train and commit vqgan-low, vqgan-high and vqseg (each skipped if already committed at this version)."""
-    config, device = ctx.config, ctx.device
+    config = ctx.config
     c = config.train_vqgan
     shards, segments = ctx.inputs["shards"], ctx.inputs["segments"]
-    perceptual = perceptual_loss(c.loss, device)
 
     out = []
     for kind, tokenizer, model_cfg in (("vqgan-low", "low", c.low), ("vqgan-high", "high", c.high)):
         if (done := ctx.existing(kind)) is not None:
             out.append(done)
             continue
-        seed_everything(c.train.seed)
-        model = VQModel(model_cfg)
-        warm_start(ctx, tokenizer, kind, model)
-        objective = ImageObjective(model.to(device), c.loss, perceptual)
-        for module in objective.modules.values():
-            module.to(device)
-        out.append(_train_one(ctx, kind, model_cfg, c.train_for(tokenizer), objective, shards,
-                              image_decoder(model_cfg.resolution), 3, {"input": "rgb in [-1, 1]"}))
+        job = TokenizerJob(kind, model_cfg, c.train_for(tokenizer), c.loss, 3, _tars(shards, "train"),
+                           image_decoder(model_cfg.resolution), ctx.work_dir(kind))
+        job.init_weights = warm_start(ctx, tokenizer, job)
+        out.append(_train_one(ctx, job, shards, c.workers, {"input": "rgb in [-1, 1]"}))
 
     scene = scene_maps_of(segments)
     if (done := ctx.existing("vqseg")) is not None:
@@ -267,13 +318,10 @@ def run(ctx: StageContext) -> list[Artifact]:
         out.append(art.artifact)
     else:
         space = build_label_space(config.segment.dataset_classes)
-        channels = space.size + 1
-        weights = torch.tensor([c.face_class_weight if g == "face" else 1.0 for g in space.groups])
-        seed_everything(c.train.seed)
-        model = VQModel(c.seg, channels, channels)
-        warm_start(ctx, "seg", "vqseg", model)
-        model.to(device)
-        out.append(_train_one(ctx, "vqseg", c.seg, c.train_for("seg"), SceneObjective(model, weights), segments,
-                              scene_decoder(c.seg.resolution, space.size), channels,
+        weights = [c.face_class_weight if g == "face" else 1.0 for g in space.groups]
+        job = TokenizerJob("vqseg", c.seg, c.train_for("seg"), c.loss, space.size + 1, _tars(segments, "train"),
+                           scene_decoder(c.seg.resolution, space.size), ctx.work_dir("vqseg"), weights)
+        job.init_weights = warm_start(ctx, "seg", job)
+        out.append(_train_one(ctx, job, segments, c.workers,
                               {"input": "one-hot labels then edge", "label_space": space.to_json()}))
     return out

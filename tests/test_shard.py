@@ -264,3 +264,30 @@ def test_exif_orientation_is_applied(tmp_path, store, small_config):
     assert pixels[2, 16, 0] > 200 and pixels[2, 16, 2] < 60
     assert pixels[-3, 16, 2] > 200 and pixels[-3, 16, 0] < 60
     assert (meta["original_width"], meta["original_height"]) == (80, 40)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_ray_tasks_write_the_same_shards_and_counters_as_the_process_pool(tmp_path, small_config):
+    from muse.artifacts.store import ArtifactStore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"{i:02d}.png").write_bytes(_png_bytes(_img((6 * i, 70, 140))))
+        (src / f"{i:02d}.txt").write_text(f"caption {i}")
+    (src / "dup.png").write_bytes((src / "03.png").read_bytes())
+    (src / "dup.txt").write_text("a duplicate")
+    (src / "bad.png").write_bytes(b"not a png")
+    (src / "bad.txt").write_text("corrupt")
+    runs = {}
+    for engine in ("processes", "ray"):
+        cfg = small_config(f"shard.source={src}", f"shard.engine={engine}", "shard.workers=2")
+        art = execute(shard, cfg, {}, ArtifactStore(tmp_path / engine))
+        runs[engine] = ({f.path: f.sha256 for f in art.manifest.files if f.path.endswith(".tar")},
+                        art.manifest.metrics)
+    (tars, metrics), (ray_tars, ray_metrics) = runs["processes"], runs["ray"]
+    assert tars == ray_tars and tars
+    assert metrics["written"] == ray_metrics["written"] == 40
+    assert metrics["rejected_duplicate"] == ray_metrics["rejected_duplicate"] == 1
+    assert metrics["rejected_corrupt"] == ray_metrics["rejected_corrupt"] == 1
+    assert shard.config_of(cfg) == shard.config_of(small_config(f"shard.source={src}"))  # one version

@@ -124,14 +124,17 @@ def test_superres_spec_takes_the_fsq_levels_from_the_tokens_geometry():
     assert transformer_spec(model_cfg, geometry, 384, "tokens_low", None, False).cond_levels == ()
 
 
-def test_aligned_condition_reaches_each_high_res_token_from_its_own_low_res_token():
-    spec = TransformerSpec(dim=32, depth=1, heads=4, codebook_size=16, side=8, text_dim=8, cond_codebook_size=12,
-                           cond_side=4, cond_aligned=True)
+def _aligned_super_res(**spec) -> tuple[MaskedTransformer, tuple, torch.Tensor]:
+    """A super-res model with the aligned condition (8x8 from 4x4), its (text, mask, low-res tokens), memory."""
     torch.manual_seed(0)
-    model = MaskedTransformer(spec).eval()
-    emb, mask = torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
-    cond = torch.randint(0, 12, (1, 16))
-    memory, _ = model.memory(emb, mask, cond)
+    model = MaskedTransformer(TransformerSpec(dim=32, depth=1, heads=4, codebook_size=16, side=8, text_dim=8,
+                                              cond_codebook_size=12, cond_side=4, cond_aligned=True, **spec)).eval()
+    inputs = (torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool), torch.randint(0, 12, (1, 16)))
+    return model, inputs, model.memory(*inputs)[0]
+
+
+def test_aligned_condition_reaches_each_high_res_token_from_its_own_low_res_token():
+    model, _, memory = _aligned_super_res()
     added = model._aligned_cond(memory).view(8, 8, 32)
     encoded = model.cond_to_input(memory[0, 1:17]).view(4, 4, 32)
     for r, c in [(0, 0), (1, 1), (2, 5), (7, 6)]:
@@ -139,6 +142,19 @@ def test_aligned_condition_reaches_each_high_res_token_from_its_own_low_res_toke
     with pytest.raises(ValueError, match="multiple of the low-res side"):
         MaskedTransformer(TransformerSpec(dim=32, depth=1, heads=4, codebook_size=16, side=6, text_dim=8,
                                           cond_codebook_size=12, cond_side=4, cond_aligned=True))
+
+
+def test_subpixel_condition_gives_each_position_of_a_low_res_cell_its_own_vector_from_the_neighbourhood():
+    model, inputs, memory = _aligned_super_res(cond_upsample="subpixel")
+    added = model._aligned_cond(memory).view(8, 8, 32)
+    assert not torch.allclose(added[2, 2], added[2, 3])  # one low-res token, two positions: two vectors
+    # a neighbour of the low-res token (not the token itself) moves it; one two cells away does not
+    changed = memory.clone()
+    changed[0, 1 + 1 * 4 + 2] += 1.0  # low-res cell (1, 2), next to cell (1, 1) under position (2, 2)
+    moved = model._aligned_cond(changed).view(8, 8, 32)
+    assert not torch.allclose(moved[2, 2], added[2, 2]) and torch.allclose(moved[2, 0], added[2, 0])
+    tokens = torch.full((1, 64), model.spec.mask_id)
+    assert model(tokens, *model.memory(*inputs)).shape == (1, 64, 16)
 
 
 def test_cached_memory_kv_equals_uncached():

@@ -44,6 +44,8 @@ class TransformerSpec:
     cond_side: int = 0
     cond_depth: int = 2
     cond_aligned: bool = False  # super-res: add the upsampled low-res encoding to the input embeddings
+    cond_upsample: str = "nearest"  # cond_aligned: "nearest" copies each low-res vector; "subpixel" learns each
+    # high-res position's own projection of its low-res token and their 3x3 neighbourhood (conv + pixel shuffle)
     scene_codebook_size: int = 0  # optional scene tokens (0 = off)
     scene_side: int = 0
     mlp_ratio: int = 4
@@ -170,7 +172,9 @@ class MaskedTransformer(nn.Module):
                 if spec.side % spec.cond_side:
                     raise ValueError(f"cond_aligned needs the token side {spec.side} to be a multiple of the "
                                      f"low-res side {spec.cond_side}")
-                self.cond_to_input = nn.Linear(d, d)
+                factor = spec.side // spec.cond_side
+                self.cond_to_input = nn.Conv2d(d, d * factor ** 2, 3, padding=1) \
+                    if spec.cond_upsample == "subpixel" else nn.Linear(d, d)
         if spec.scene_codebook_size:
             self.scene_embed = GridEmbedding(spec.scene_codebook_size, spec.scene_side, d)
         if spec.image_dim:
@@ -263,7 +267,11 @@ class MaskedTransformer(nn.Module):
     def _aligned_cond(self, memory: torch.Tensor) -> torch.Tensor:
         """The encoded low-res grid (memory positions 1..n) projected and upsampled to the token grid."""
         cs, s = self.spec.cond_side, self.spec.side
-        c = self.cond_to_input(memory[:, 1:1 + cs * cs])
+        c = memory[:, 1:1 + cs * cs]
+        if self.spec.cond_upsample == "subpixel":
+            grid = c.transpose(1, 2).reshape(c.shape[0], -1, cs, cs)
+            return F.pixel_shuffle(self.cond_to_input(grid), s // cs).flatten(2).transpose(1, 2)
+        c = self.cond_to_input(c)
         grid = c.transpose(1, 2).reshape(c.shape[0], -1, cs, cs)
         return F.interpolate(grid, scale_factor=s // cs, mode="nearest").flatten(2).transpose(1, 2)
 

@@ -1,0 +1,110 @@
+"""Memory knobs of the training loop: activation checkpointing and the 8-bit AdamW, on a real masked transformer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from muse.config import TrainConfig
+from muse.models.transformer import MaskedTransformer, TransformerSpec
+from muse.training import TrainLoop, checkpoint_blocks, seeded
+
+SPEC = TransformerSpec(dim=32, depth=3, heads=4, codebook_size=16, side=4, text_dim=8)
+
+
+def _batch() -> dict:
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 16, (8, 16), generator=g)
+    return {"tokens": tokens, "inputs": tokens.masked_fill(torch.rand(8, 16, generator=g) < 0.5, SPEC.mask_id),
+            "text": torch.randn(8, 5, 8, generator=g)}
+
+
+def _loss(model: MaskedTransformer, batch: dict) -> torch.Tensor:
+    memory, mask = model.memory(batch["text"], torch.ones(8, 5, dtype=torch.bool))
+    return F.cross_entropy(model(batch["inputs"], memory, mask).transpose(1, 2), batch["tokens"])
+
+
+class _Objective:
+    def __init__(self, model: MaskedTransformer):
+        self.model = model
+        self.modules = {"transformer": model}
+        self.optimizers = {"loss": ["transformer"]}
+        self.ema: list[str] = []
+
+    def losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        return {"loss": _loss(self.model, batch)}
+
+
+def _model() -> MaskedTransformer:
+    with seeded(0):
+        return MaskedTransformer(SPEC)
+
+
+def _train(tmp_path, name: str, steps: int, **knobs) -> tuple[MaskedTransformer, TrainLoop]:
+    model = _model()
+    cfg = TrainConfig(steps=steps, lr=1e-2, warmup_steps=1, schedule="constant", checkpoint_every=2, log_every=100,
+                      **knobs)
+    loop = TrainLoop(cfg, _Objective(model), tmp_path / name, name)
+    batch = _batch()
+
+    def data(position):
+        while True:
+            yield batch
+
+    loop.run(data)
+    return model, loop
+
+
+def _saved_tensors(model: MaskedTransformer) -> int:
+    """Tensors autograd keeps from the forward for backward."""
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _loss(model, _batch())
+    return count
+
+
+def test_activation_checkpointing_keeps_fewer_activations_for_the_same_gradients():
+    plain, checkpointed = _model(), _model()
+    assert checkpoint_blocks(checkpointed) == SPEC.depth
+    assert plain.state_dict().keys() == checkpointed.state_dict().keys()
+    kept_plain, kept_checkpointed = _saved_tensors(plain), _saved_tensors(checkpointed)
+    assert kept_checkpointed < kept_plain / 2, (kept_checkpointed, kept_plain)
+    _loss(plain, _batch()).backward()
+    _loss(checkpointed, _batch()).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+    with torch.no_grad():  # sampling: no recomputation, the same logits
+        assert torch.equal(_loss(plain, _batch()), _loss(checkpointed, _batch()))
+
+
+def test_the_loop_trains_the_same_weights_with_activation_checkpointing(tmp_path):
+    plain, _ = _train(tmp_path, "plain", 3)
+    checkpointed, _ = _train(tmp_path, "checkpointed", 3, activation_checkpointing=True)
+    for (name, a), b in zip(plain.state_dict().items(), checkpointed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert not torch.allclose(plain.head.weight, _model().head.weight)  # it trained
+    assert TrainConfig(activation_checkpointing=True).versioned() == TrainConfig().versioned()
+
+
+def test_adamw8bit_keeps_8_bit_moments_learns_and_resumes_exactly(tmp_path):
+    before = float(_loss(_model(), _batch()).detach())
+    model, loop = _train(tmp_path, "bnb", 30, optimizer="adamw8bit")
+    assert float(_loss(model, _batch()).detach()) < before * 0.8
+    state = loop.optimizers["loss"].state[model.blocks[0].mlp[0].weight]  # bitsandbytes keeps small tensors 32-bit
+    assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
+    # interrupted at step 4 (its checkpoint), then run on: the same weights as the run never interrupted
+    whole, _ = _train(tmp_path, "whole", 6, optimizer="adamw8bit")
+    _train(tmp_path, "resumed", 4, optimizer="adamw8bit")
+    resumed, _ = _train(tmp_path, "resumed", 6, optimizer="adamw8bit")
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    plain, _ = _train(tmp_path, "adamw", 6)
+    assert not torch.equal(plain.head.weight, whole.head.weight)  # the 8-bit moments are another optimizer
+    assert "optimizer" not in TrainConfig().versioned()  # versions made before the knob stand
+    assert TrainConfig(optimizer="adamw8bit").versioned()["optimizer"] == "adamw8bit"
