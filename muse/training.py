@@ -46,6 +46,7 @@ from muse.distributed import autocast, average_gradients, broadcast_buffers, ran
 
 log = logging.getLogger("muse.training")
 CHECKPOINT = "checkpoint.pt"
+TRAINED = "trained.safetensors"  # rank 0's final (EMA) weights in the work dir, read back by the stage's driver
 SAMPLES_DIR = "samples"
 
 
@@ -398,6 +399,14 @@ class TrainLoop:
         Image.fromarray(grid).save(self.work_dir / SAMPLES_DIR / f"step-{self.step:07d}.png")
         if writer is not None:
             writer.add_image(f"{self.name}/samples", grid, self.step, dataformats="HWC")
+
+    def save_trained(self, name: str) -> None:
+        """Rank 0 writes module `name`'s trained weights (`trained`) to `work_dir/TRAINED` for the driver."""
+        if self.rank == 0:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.trained(name).state_dict().items()},
+                      str(self.work_dir / TRAINED))
 
     def trained(self, name: str) -> nn.Module:
         """The module to export: its EMA copy when EMA is on, else the live one."""

@@ -38,13 +38,12 @@ from muse.micro_conditions import of_batch as micro_of
 from muse.models.transformer import MaskedTransformer, TransformerSpec, save_transformer
 from muse.sample_grid import SampleGrid
 from muse.stage import OutputSpec, StageContext
-from muse.training import TrainLoop, seeded
+from muse.training import TRAINED, TrainLoop, seeded
 
 log = logging.getLogger("muse.transformer_training")
 RATE_BUCKETS = ((0.0, 0.4), (0.4, 0.8), (0.8, 1.01))
 MAX_GRIDS = 4  # sample grids (the last checkpoints') copied into the artifact's previews
 MICRO_DEFAULT_ROWS = 100_000  # train rows whose micro-condition medians become generation's defaults
-TRAINED = "trained.safetensors"  # rank 0's final (EMA) weights in the work dir, read back by the driver
 
 
 class CaptionMemory:
@@ -219,9 +218,7 @@ def fit_worker(job: TransformerJob) -> dict:
         grid = SampleGrid(job.tokens_path, job.tokenizer_path, job.target, job.cond, text, device, job.sampler)
         preview = lambda loop: grid.labelled(grid(loop.trained("transformer")))  # noqa: E731
     figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world), preview=preview)
-    if rank == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in loop.trained("transformer").state_dict().items()},
-                  str(job.trained_path))
+    loop.save_trained("transformer")
     trained_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)  # what the optimizer updates
     return {**figures, "steps": loop.step, "workers": world, "trained_parameters": trained_parameters}
 

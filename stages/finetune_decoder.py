@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact
@@ -36,7 +36,7 @@ from muse.models.vqgan import (
     save_decoder,
 )
 from muse.stage import StageContext
-from muse.training import TrainLoop, seeded
+from muse.training import TRAINED, TrainLoop, seeded
 
 NAME = "finetune-decoder"
 INPUTS: tuple[str, ...] = ("shards", "vqgan-high")
@@ -108,7 +108,6 @@ def compare(tokenizer: VQModel, decoder: LatentDecoder, files: list[Path], resol
     return {k: round(v / max(n, 1), 4) for k, v in sums.items()} | {"val_samples": n}, rows
 
 
-TRAINED = "trained.safetensors"  # rank 0's final (EMA) decoder in the work dir, read back by the driver
 
 
 @dataclass
@@ -151,9 +150,7 @@ def fit_worker(job: DecoderJob) -> dict:
                                                               rank, world), cfg.batch_size, decode))
     if tokenizer_digest(tokenizer) != before:
         raise RuntimeError("finetune-decoder changed the frozen encoder/codebook: token ids would no longer match")
-    if rank == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in loop.trained("decoder").state_dict().items()},
-                  str(job.trained_path))
+    loop.save_trained("decoder")
     return {**figures, "steps": loop.step, "workers": world}
 
 

@@ -39,7 +39,7 @@ from muse.distributed import fit, rank_world, worker_device
 from muse.models.image_loss import ImageLoss, lpips_status, perceptual_loss, psnr
 from muse.models.vqgan import VQModel, from_pretrained, save_pretrained
 from muse.stage import OutputSpec, StageContext
-from muse.training import TrainLoop, seeded
+from muse.training import TRAINED, TrainLoop, seeded
 
 NAME = "train-vqgan"
 INPUTS: tuple[str, ...] = ("shards", "segments")
@@ -211,7 +211,6 @@ def save_preview(inputs: torch.Tensor, recon: torch.Tensor, path: Path, scene: b
 # ----------------------------------------------------------------------------- the stage
 
 
-TRAINED = "trained.safetensors"  # rank 0's final (EMA) weights in the work dir, read back by the driver
 
 
 @dataclass
@@ -257,9 +256,7 @@ def fit_worker(job: TokenizerJob) -> dict:
     cfg = job.train_cfg
     figures = loop.run(lambda position: batches(sample_stream(job.train_files, cfg.seed, position, cfg.shuffle_buffer,
                                                               rank, world), cfg.batch_size, job.decode))
-    if rank == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in loop.trained("vq").state_dict().items()},
-                  str(job.trained_path))
+    loop.save_trained("vq")
     return {**figures, "steps": loop.step, "workers": world}
 
 
