@@ -3,7 +3,7 @@
     python bench/shard_throughput.py [--n 2000] [--size 512] [--resolution 256]
 
 Generates N 512px JPEGs once (cached in /tmp), shards them with 1 and 2 workers of the
-process pool and of Ray tasks (`shard.engine: ray`, a local Ray of 1 and 2 CPUs), then runs img2dataset (its CLI, on PATH or --img2dataset; install it in its own
+process pool and of Ray Data (`shard.engine: ray`, a local Ray of 1 and 2 CPUs), then runs img2dataset (its CLI, on PATH or --img2dataset; install it in its own
 environment: it pins webdataset<0.3) on the same files given as file:// URLs with
 the same output size. Prints images/s and the per-core ratio. Goal: >= 1.0x.
 """

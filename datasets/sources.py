@@ -356,31 +356,36 @@ def _open(url: str):
 
 
 def webdataset_items(source: str) -> Iterator[Item]:
-    """Stream tars member by member (gzip too), grouping consecutive members by key (as webdataset does).
+    """The samples of every tar of `source`, tar after tar (`tar_items`)."""
+    for url in tar_urls(source):
+        yield from tar_items(url)
+
+
+def tar_items(url: str) -> Iterator[Item]:
+    """Stream one tar member by member (gzip too), grouping consecutive members by key (as webdataset does).
 
     An unreadable tar, or the sample a truncated tar breaks off in, becomes a rejected item; when the producer
     said how many samples the tar holds (img2dataset's `NAME_stats.json`), every sample lost after the break
     is counted too."""
-    for url in tar_urls(source):
-        name = url.rstrip("/").rsplit("/", 1)[-1]
-        done, last = 0, None
-        try:
-            with _open(url) as f:
-                for last, files in iter_tar(f):
-                    yield _tar_sample(name, last, files)
-                    done += 1
-        except OSError as e:  # opening it failed
-            yield from _lost(name, None, "unreadable", f"{url}: {e}", 1)
-            continue
-        except TarBroken as e:
-            reason = "truncated" if e.key is not None else "unreadable"
-            lost = max(1, _producer_count(url) - done) if reason == "truncated" else 1
-            yield from _lost(name, e.key, reason, f"{url}: {e.__cause__}", lost)
-            continue
-        # tarfile ends a stream cut inside a header quietly, as if the archive were shorter
-        lost = max(_producer_count(url) - done, 0 if _ends_whole(url) else 1)
-        if lost:
-            yield from _lost(name, last, "truncated", f"{url}: the tar ends early after {done} samples", lost)
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    done, last = 0, None
+    try:
+        with _open(url) as f:
+            for last, files in iter_tar(f):
+                yield _tar_sample(name, last, files)
+                done += 1
+    except OSError as e:  # opening it failed
+        yield from _lost(name, None, "unreadable", f"{url}: {e}", 1)
+        return
+    except TarBroken as e:
+        reason = "truncated" if e.key is not None else "unreadable"
+        lost = max(1, _producer_count(url) - done) if reason == "truncated" else 1
+        yield from _lost(name, e.key, reason, f"{url}: {e.__cause__}", lost)
+        return
+    # tarfile ends a stream cut inside a header quietly, as if the archive were shorter
+    lost = max(_producer_count(url) - done, 0 if _ends_whole(url) else 1)
+    if lost:
+        yield from _lost(name, last, "truncated", f"{url}: the tar ends early after {done} samples", lost)
 
 
 def _lost(tar_name: str, key: str | None, reason: str, detail: str, count: int) -> Iterator[BytesItem]:

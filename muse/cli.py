@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from muse.config import ConfigError, dump_config, load_config, preset_names
+from muse.config import ConfigError, dump_config, gpu_workers, load_config, preset_names
 from muse.errors import UserError
 
 
@@ -27,6 +27,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML file merged over the preset")
     p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="overrides",
                    help="override one key, e.g. --set train_base.train.steps=100 (repeatable)")
+    p.add_argument("--gpus", type=int, metavar="N", help="train every training stage data-parallel on N GPUs "
+                   "(Ray Train workers, one GPU each; --set workers keys still win)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
@@ -525,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     from muse.artifacts.store import ArtifactError
 
     try:
+        if getattr(args, "gpus", None) is not None:
+            args.overrides = gpu_workers(args.gpus) + args.overrides
         return args.func(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

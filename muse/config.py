@@ -87,10 +87,10 @@ class ShardConfig(Section):
     dedupe: bool = Field(True, description="Drop samples whose original bytes repeat an earlier sample's.")
     workers: int = Field(2, ge=1, description="Decode/resize processes (engine: processes).")
     engine: Literal["processes", "ray"] = Field("processes", description=(
-        "Where images are decoded, resized and encoded: a pool of `workers` processes here, or Ray tasks over the "
-        "cluster (ray.address; a local Ray without it), for sources one machine cannot decode in time. Local "
-        "source files must then be on a file system every node mounts (URLs are read here). The same bytes "
-        "either way."))
+        "Where images are decoded, resized and encoded: a pool of `workers` processes here, or Ray Data over the "
+        "cluster (ray.address; a local Ray without it), for sources one machine cannot decode in time; its workers "
+        "read a webdataset source's tars themselves. Local source files must then be on a file system every node "
+        "mounts. The same bytes either way."))
 
 
 # ----------------------------------------------------------------------------- models
@@ -512,6 +512,8 @@ class TrainClipConfig(Section):
         "which then must not be resized; None = random weights."))
     freeze: bool = Field(False, description="With pretrained: commit the pretrained model as it is, untrained.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    workers: WorkersConfig = Field(default_factory=WorkersConfig, description=(
+        "Ray Train data parallelism (train.batch_size per worker; the loss contrasts the union batch)."))
 
     @model_validator(mode="after")
     def _pretrained_fixes_the_sizes(self) -> "TrainClipConfig":
@@ -529,6 +531,7 @@ class TrainPriorConfig(Section):
     dim: int = Field(256, ge=8, description="Width of the MLP.")
     depth: int = Field(2, ge=0, description="Residual MLP blocks.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Ray Train data parallelism.")
 
 
 class TrainGuideConfig(Section):
@@ -547,6 +550,8 @@ class TrainGuideConfig(Section):
                               "(depth // 2).")
     dim: int = Field(128, ge=8, description="Width of the head.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    workers: WorkersConfig = Field(default_factory=WorkersConfig, description=(
+        "Ray Train data parallelism (train.batch_size per worker; a caption target contrasts each worker's batch)."))
 
     @model_validator(mode="after")
     def _field_for_metadata_targets(self) -> "TrainGuideConfig":
@@ -770,6 +775,17 @@ def load_config(
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, " + ".join(origins) or "config")) from None
+
+
+def gpu_workers(num_gpus: int) -> list[str]:
+    """Overrides that put every training stage (each section with `workers`) on `num_gpus` Ray Train GPU workers."""
+    if num_gpus < 1:
+        raise ConfigError(f"--gpus {num_gpus}: needs at least 1")
+    sections = [name for name, field in PipelineConfig.model_fields.items()
+                if isinstance(field.annotation, type) and issubclass(field.annotation, Section)
+                and "workers" in field.annotation.model_fields
+                and field.annotation.model_fields["workers"].annotation is WorkersConfig]
+    return [o for name in sections for o in (f"{name}.workers.num_workers={num_gpus}", f"{name}.workers.use_gpu=true")]
 
 
 def dump_config(config: PipelineConfig) -> str:

@@ -50,6 +50,16 @@ TRAINED = "trained.safetensors"  # rank 0's final (EMA) weights in the work dir,
 SAMPLES_DIR = "samples"
 
 
+class WorkerJob:
+    """Base of the picklable jobs a stage hands to `muse.distributed.fit`: where rank 0 leaves the weights."""
+
+    work_dir: Path
+
+    @property
+    def trained_path(self) -> Path:
+        return self.work_dir / TRAINED
+
+
 class Objective(Protocol):
     modules: dict[str, nn.Module]  # everything trained and checkpointed
     optimizers: dict[str, list[str]]  # optimizer name -> the modules it updates

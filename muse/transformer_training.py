@@ -38,7 +38,7 @@ from muse.micro_conditions import of_batch as micro_of
 from muse.models.transformer import MaskedTransformer, TransformerSpec, save_transformer
 from muse.sample_grid import SampleGrid
 from muse.stage import OutputSpec, StageContext
-from muse.training import TRAINED, TrainLoop, seeded
+from muse.training import TrainLoop, WorkerJob, seeded
 
 log = logging.getLogger("muse.transformer_training")
 RATE_BUCKETS = ((0.0, 0.4), (0.4, 0.8), (0.8, 1.01))
@@ -165,7 +165,7 @@ def masked_accuracy(model: MaskedTransformer, table: TokenTable, target: str, te
 
 
 @dataclass
-class TransformerJob:
+class TransformerJob(WorkerJob):
     """Everything a training worker needs, picklable for Ray Train."""
 
     kind: str
@@ -186,10 +186,6 @@ class TransformerJob:
     sampler: SamplerConfig  # this model's sampling pass: the sample grids, and the default recorded for generation
     init_weights: Path | None = None  # warm start: the weights training begins from; None = random
     lora: LoraConfig | None = None  # train adapters on the init weights, the rest frozen; None = every weight
-
-    @property
-    def trained_path(self) -> Path:
-        return self.work_dir / TRAINED
 
 
 def fit_worker(job: TransformerJob) -> dict:

@@ -36,7 +36,7 @@ from muse.models.vqgan import (
     save_decoder,
 )
 from muse.stage import StageContext
-from muse.training import TRAINED, TrainLoop, seeded
+from muse.training import TrainLoop, WorkerJob, seeded
 
 NAME = "finetune-decoder"
 INPUTS: tuple[str, ...] = ("shards", "vqgan-high")
@@ -111,7 +111,7 @@ def compare(tokenizer: VQModel, decoder: LatentDecoder, files: list[Path], resol
 
 
 @dataclass
-class DecoderJob:
+class DecoderJob(WorkerJob):
     """Everything a decoder-finetuning worker needs, picklable for Ray Train."""
 
     tokenizer_path: Path  # the vqgan-high artifact whose decoder is replaced
@@ -121,10 +121,6 @@ class DecoderJob:
     train_cfg: TrainConfig
     train_files: list[Path]
     work_dir: Path
-
-    @property
-    def trained_path(self) -> Path:
-        return self.work_dir / TRAINED
 
     def build(self, tokenizer: VQModel) -> tuple[LatentDecoder, int]:
         """(the new decoder, started from the tokenizer's where shapes allow; tensors copied): the same on every

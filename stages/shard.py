@@ -1,8 +1,10 @@
 """Stage `shard`: ingest image-caption data into webdataset shards (the `shards` artifact).
 
 Items of the source are enumerated in a fixed order and processed in windows by
-a process pool, or by Ray tasks across a cluster (`shard.engine: ray`): decode (EXIF orientation applied, any mode -> RGB, alpha over
-white), reject what cannot be used, resize the shorter side and center-crop to
+a process pool, or by Ray Data across a cluster (`shard.engine: ray`, where the
+workers read a webdataset source's tars themselves): decode (EXIF orientation
+applied, any mode -> RGB, alpha over white), reject what cannot be used, resize
+the shorter side and center-crop to
 the largest resolution a tokenizer reads, encode. The main process then drops
 exact duplicates (first occurrence wins), assigns the split by hashing the
 item's source id, and writes in item order — so the output is byte-identical
@@ -23,7 +25,7 @@ import multiprocessing
 import re
 import time
 import warnings
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -43,6 +45,8 @@ from muse.datasets.sources import (
     detect_kind,
     fingerprint,
     iter_items,
+    tar_items,
+    tar_urls,
 )
 from muse.labelled_grid import caption_lines
 from muse.stage import StageContext
@@ -58,7 +62,7 @@ REJECT_REASONS = (
 )
 EXAMPLES_PER_REASON = 5
 WINDOW = 256  # items in flight: bounds memory whatever the source size
-RAY_CHUNK = 64  # items per Ray task: enough work to outweigh a task's scheduling
+RAY_CHUNK = 64  # items per Ray Data row of a non-tar source: enough work to outweigh a task's scheduling
 
 log = logging.getLogger("muse.stages.shard")
 
@@ -242,11 +246,12 @@ def _windows(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield window
 
 
-def _process_all(items: Iterable[Item], params: ImageParams, config: PipelineConfig) -> Iterator[Processed | Rejected]:
-    """Results in item order: in this process, a spawn pool (safe beside Prefect's threads) or Ray tasks."""
+def _process_all(kind: str, items: Iterable[Item], params: ImageParams,
+                 config: PipelineConfig) -> Iterator[Processed | Rejected]:
+    """Results in item order: in this process, a spawn pool (safe beside Prefect's threads) or Ray Data."""
     c = config.shard
     if c.engine == "ray":
-        yield from _process_on_ray(items, params, config)
+        yield from _process_on_ray(kind, items, params, config)
         return
     if c.workers == 1:
         for item in items:
@@ -257,28 +262,34 @@ def _process_all(items: Iterable[Item], params: ImageParams, config: PipelineCon
             yield from pool.starmap(process, [(item, params) for item in window], chunksize=8)
 
 
-def _process_chunk(items: list[Item], params: ImageParams) -> list[Processed | Rejected]:
-    return [process(item, params) for item in items]
+def _process_part(part: str | list[Item], params: ImageParams) -> list[dict]:
+    """One Ray Data row's work: a source tar (read on the worker) or a chunk of items, as result rows."""
+    items = tar_items(part) if isinstance(part, str) else part
+    return [{"result": process(item, params)} for item in items]
 
 
-def _process_on_ray(items: Iterable[Item], params: ImageParams,
+def _process_on_ray(kind: str, items: Iterable[Item], params: ImageParams,
                     config: PipelineConfig) -> Iterator[Processed | Rejected]:
-    """Chunks of RAY_CHUNK items as Ray tasks, two per cluster CPU in flight (bounded memory), read back in order."""
+    """A Ray Data pipeline over the cluster: one task per source tar (a webdataset source: each tar is read where
+    it is processed) or per chunk of RAY_CHUNK items (the others), its results streamed back in source order."""
     import ray
 
     from muse.ray_runtime import init_ray
 
     init_ray(config.ray)
-    task = ray.remote(_process_chunk)
-    in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    log.info("shard: Ray tasks of %d items, %d in flight", RAY_CHUNK, in_flight)
-    pending: deque = deque()
-    for chunk in _windows(items, RAY_CHUNK):
-        pending.append(task.remote(chunk, params))
-        if len(pending) >= in_flight:
-            yield from ray.get(pending.popleft())
-    while pending:
-        yield from ray.get(pending.popleft())
+    parts: list[str | list[Item]] = (tar_urls(config.shard.source) if kind == "webdataset"
+                                     else list(_windows(items, RAY_CHUNK)))
+    if not parts:
+        return
+    log.info("shard: Ray Data over %d %s", len(parts), "tars" if kind == "webdataset" else f"chunks of {RAY_CHUNK}")
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True  # dedupe and keys need the read order
+    try:
+        rows = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts))
+        for row in rows.flat_map(lambda row: _process_part(row["part"], params)).iter_rows():
+            yield row["result"]
+    finally:
+        options.preserve_order = before
 
 
 def _preview(samples: list[tuple[bytes, str]], path: Path, thumb: int = 128) -> None:
@@ -308,7 +319,7 @@ def run(ctx: StageContext) -> Artifact:
     total = config.demo.num_samples if kind == "demo" else None
     log.info("shard: reading %s source %s at %dpx (%s) with %s",
              kind, c.source or "(demo)", params.resolution, c.image_format,
-             "Ray tasks" if c.engine == "ray" else f"{c.workers} workers")
+             "Ray Data" if c.engine == "ray" else f"{c.workers} workers")
 
     read, rejected, flagged = 0, Counter(), Counter()
     examples: dict[str, list[str]] = {}
@@ -328,7 +339,7 @@ def run(ctx: StageContext) -> Artifact:
                                          maxsize=float("inf"), verbose=0, mtime=0.0)
         bar = tqdm(total=total, unit="img", desc="shard", mininterval=2.0, disable=None)  # a terminal only
         try:
-            for index, result in enumerate(_process_all(items, params, config)):
+            for index, result in enumerate(_process_all(kind, items, params, config)):
                 read += 1
                 bar.update(1)
                 if isinstance(result, Processed):

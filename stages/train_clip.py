@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from muse.artifacts.store import Artifact
-from muse.config import PipelineConfig
+from muse.config import ClipArchConfig, PipelineConfig, TrainConfig
 from muse.datasets.decode import image_bytes, image_tensor
 from muse.datasets.shards import shard_files
 from muse.datasets.stream import iter_tar, sample_stream
+from muse.distributed import fit, rank_world, worker_device
 from muse.models.clip import Clip, save_clip
 from muse.stage import StageContext
-from muse.training import TrainLoop, seeded
+from muse.training import TrainLoop, WorkerJob, seeded
 
 NAME = "train-clip"
 INPUTS: tuple[str, ...] = ("shards",)
@@ -43,16 +46,21 @@ def enabled(config: PipelineConfig) -> bool:
 
 def config_of(config: PipelineConfig) -> dict:
     c = config.train_clip
-    return c.model_dump(mode="json", exclude={"enabled", "train"}) | {"train": c.train.versioned()}
+    return c.model_dump(mode="json", exclude={"enabled", "train", "workers"}) | {"train": c.train.versioned(),
+                                                                                "workers": c.workers.versioned()}
 
 
 class ClipObjective:
-    """Symmetric InfoNCE over the batch (open_clip's ClipLoss) at the model's learned temperature."""
+    """Symmetric InfoNCE over the batch (open_clip's ClipLoss) at the model's learned temperature. On several
+    workers every rank contrasts the union batch: features are all-gathered with their gradients, so the
+    averaged gradient is the one-worker gradient of the union batch."""
 
     def __init__(self, clip: Clip):
         from open_clip.loss import ClipLoss
 
-        self.clip, self.loss = clip, ClipLoss()
+        rank, world = rank_world()
+        self.clip = clip
+        self.loss = ClipLoss(gather_with_grad=world > 1, rank=rank, world_size=world)
         self.modules = {"clip": clip}
         self.optimizers = {"loss": ["clip"]}
         self.ema: list[str] = []
@@ -68,9 +76,9 @@ class ClipObjective:
 
 
 def pairs(files: list[Path], clip: Clip, batch_size: int, seed: int, position: int,
-          shuffle_buffer: int) -> Iterator[dict]:
-    """Endless shuffled batches {image [B, 3, S, S] in [-1, 1], tokens [B, context]} from shard tars."""
-    stream = sample_stream(files, seed, position, shuffle_buffer)
+          shuffle_buffer: int, rank: int = 0, world: int = 1) -> Iterator[dict]:
+    """Endless shuffled batches {image [B, 3, S, S] in [-1, 1], tokens [B, context]} from this rank's shard tars."""
+    stream = sample_stream(files, seed, position, shuffle_buffer, rank, world)
     while True:
         samples = [next(stream)[1] for _ in range(batch_size)]
         yield {"image": torch.stack([image_tensor(image_bytes(s), clip.image_size) for s in samples]),
@@ -114,25 +122,57 @@ def retrieval(clip: Clip, files: list[Path], batch_size: int, device: torch.devi
     return out
 
 
+@dataclass
+class ClipJob(WorkerJob):
+    """Everything a CLIP-training worker needs, picklable for Ray Train."""
+
+    model_cfg: ClipArchConfig
+    pretrained: str | None
+    train_cfg: TrainConfig
+    train_files: list[Path]
+    work_dir: Path
+
+    def build(self) -> Clip:
+        """The initial CLIP (seeded random or pretrained): the same on every worker."""
+        with seeded(self.train_cfg.seed):
+            return Clip(self.model_cfg, self.pretrained)
+
+
+def fit_worker(job: ClipJob) -> dict:
+    """Train on this worker's share of the train tars (rank-strided files); rank 0 saves the (EMA) weights."""
+    rank, world = rank_world()
+    device = worker_device()
+    clip = job.build().to(device)
+    loop = TrainLoop(job.train_cfg, ClipObjective(clip), job.work_dir, "clip", device, rank=rank)
+    if rank == 0:
+        log.info("clip: %.2fM parameters, image %d px, context %d, %d worker(s)",
+                 sum(p.numel() for p in clip.parameters()) / 1e6, clip.image_size, clip.context_length, world)
+    cfg = job.train_cfg
+    figures = loop.run(lambda position: pairs(job.train_files, clip, cfg.batch_size, cfg.seed, position,
+                                              cfg.shuffle_buffer, rank, world))
+    loop.save_trained("clip")
+    return {**figures, "steps": loop.step, "workers": world}
+
+
 def run(ctx: StageContext) -> Artifact:
-    """Train (or take pretrained) the CLIP and commit the `clip` artifact with its val retrieval figures."""
+    """Train (in-process, or on Ray Train workers) or take pretrained the CLIP and commit the `clip` artifact with
+    its val retrieval figures."""
     c, device = ctx.config.train_clip, ctx.device
     shards = ctx.inputs["shards"]
-    with seeded(c.train.seed):
-        clip = Clip(c.model, c.pretrained).to(device)
     train_files, val_files = shard_files(shards.path, "train"), shard_files(shards.path, "val")
-    figures, steps = None, 0
+    job = ClipJob(c.model, c.pretrained, c.train, train_files, ctx.work_dir("clip"))
+    figures, steps, world = None, 0, 1
     if not c.freeze:
-        loop = TrainLoop(c.train, ClipObjective(clip), ctx.work_dir("clip"), "clip", device)
-        log.info("clip: %.2fM parameters, image %d px, context %d", sum(p.numel() for p in clip.parameters()) / 1e6,
-                 clip.image_size, clip.context_length)
-        figures = loop.run(lambda position: pairs(train_files, clip, c.train.batch_size, c.train.seed, position,
-                                                  c.train.shuffle_buffer))
-        clip, steps = loop.trained("clip"), loop.step
+        figures = fit(fit_worker, job, c.workers, ctx.config.ray, job.work_dir)
+        steps, world = int(figures.pop("steps")), int(figures.pop("workers"))
+    clip = job.build()
+    if not c.freeze:
+        clip.load_state_dict(load_file(str(job.trained_path)))
+    clip.to(device)
     metrics = retrieval(clip, val_files or train_files, c.train.batch_size, device)
     with ctx.commit("clip", figures) as out:
         save_clip(clip, out.path, {"pretrained": c.pretrained})
-        out.metrics = {**metrics, "steps": steps, "dim": clip.dim}
+        out.metrics = {**metrics, "steps": steps, "workers": world, "dim": clip.dim}
         out.details = {"val_split": "val" if val_files else "train", "pretrained": c.pretrained,
                        "frozen": c.freeze}
     log.info("clip: %s", metrics)

@@ -15,27 +15,31 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from muse.artifacts.store import Artifact, MissingArtifact
-from muse.config import ConfigError, PipelineConfig, TrainGuideConfig
+from muse.config import ConfigError, PipelineConfig, SamplerConfig, TextEncoderConfig, TrainConfig, TrainGuideConfig
 from muse.contracts import TokensSchema, TransformerRecord
 from muse.datasets.shards import metadata_value, shard_files
 from muse.datasets.stream import iter_tar
 from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.guidance import features_at, steer
-from muse.lora import load_trained
+from muse.distributed import fit, rank_world, worker_device
+from muse.lora import is_adapter, load_trained
 from muse.masking import mask_tokens, sample_mask_rate
 from muse.micro_conditions import of_batch
 from muse.models.guide import GuideHead, GuideSpec, save_guide
 from muse.models.text import pooled_text
-from muse.models.transformer import MaskedTransformer
+from muse.models.transformer import MaskedTransformer, load_transformer, save_transformer
 from muse.sample_grid import SampleGrid
 from muse.stage import StageContext
-from muse.training import TrainLoop, seeded
+from muse.training import TrainLoop, WorkerJob, seeded
 from muse.transformer_training import CaptionMemory
 
 NAME = "train-guide"
@@ -53,7 +57,8 @@ def enabled(config: PipelineConfig) -> bool:
 def config_of(config: PipelineConfig) -> dict:
     """The head, its target and the training knobs that change its weights."""
     c = config.train_guide
-    return c.model_dump(mode="json", exclude={"enabled"}) | {"train": c.train.versioned()}
+    return c.model_dump(mode="json", exclude={"enabled", "workers"}) | {"train": c.train.versioned(),
+                                                                       "workers": c.workers.versioned()}
 
 
 def metadata_targets(shards: Artifact, c: TrainGuideConfig) -> tuple[dict[str, dict], dict]:
@@ -100,10 +105,11 @@ class GuideObjective:
     """The head's loss on the frozen base's hidden states of masked grids."""
 
     def __init__(self, base: MaskedTransformer, head: GuideHead, text: CaptionMemory,
-                 targets: dict[str, float | int] | None, seed: int):
+                 targets: dict[str, float | int] | None, seed: int, rank: int = 0):
         self.base = base.eval().requires_grad_(False)
         self.head, self.text, self.targets = head, text, targets
-        self.generator = torch.Generator().manual_seed(seed)  # mask rates and positions: this stage's own stream
+        # mask rates and positions: this stage's own stream, another one on each further rank
+        self.generator = torch.Generator().manual_seed(seed if rank == 0 else hash((seed, rank)) % 2**31)
         self.modules = {"guide": head}
         self.optimizers = {"loss": ["guide"]}
         self.ema: list[str] = []
@@ -219,13 +225,54 @@ class GuidedGrid:
                                   [f"guide {scale:g}" for scale in self.scales] + ["real"])
 
 
+@dataclass
+class GuideJob(WorkerJob):
+    """Everything a guide-training worker needs, picklable for Ray Train."""
+
+    base_dir: Path  # a saved transformer: the base artifact, or its adapters merged into the work dir
+    spec: GuideSpec
+    text_cfg: TextEncoderConfig
+    precomputed_text: bool
+    targets: dict[str, float | int] | None
+    train_cfg: TrainConfig
+    tokens_path: Path
+    columns: list[str]
+    work_dir: Path
+    preview: tuple[Path, SamplerConfig, list[float]] | None  # tokenizer, sampler, guide scales; None = no previews
+
+    def build(self) -> GuideHead:
+        with seeded(self.train_cfg.seed):
+            return GuideHead(self.spec)
+
+
+def fit_worker(job: GuideJob) -> dict:
+    """Train on this worker's share of the rows (rank-strided row groups); rank 0 saves the head."""
+    rank, world = rank_world()
+    device = worker_device()
+    base = load_transformer(job.base_dir)[0].to(device)
+    text = CaptionMemory(job.text_cfg, job.precomputed_text, device)
+    head = job.build().to(device)
+    objective = GuideObjective(base, head, text, job.targets, job.train_cfg.seed, rank)
+    loop = TrainLoop(job.train_cfg, objective, job.work_dir, "guide", device, rank=rank)
+    train = TokenTable(job.tokens_path, "train", job.columns)
+    preview = None
+    if rank == 0 and job.preview is not None:
+        tokenizer, sampler, scales = job.preview
+        grid = GuidedGrid(SampleGrid(job.tokens_path, tokenizer, "tokens_low", None, text, device, sampler), base,
+                          scales, job.targets)
+        preview = lambda loop: grid(loop.trained("guide"))  # noqa: E731
+    bs, seed = job.train_cfg.batch_size, job.train_cfg.seed
+    figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world), preview=preview)
+    loop.save_trained("guide")
+    return {**figures, "steps": loop.step, "workers": world}
+
+
 def run(ctx: StageContext) -> Artifact:
-    """Train the guide head of `base` and commit the `guide` artifact."""
+    """Train the guide head of `base` (in-process, or on Ray Train workers) and commit the `guide` artifact."""
     config, inputs, device = ctx.config, ctx.inputs, ctx.device
     c = config.train_guide
     base_artifact, tokens = inputs["base"], inputs["tokens"]
     base = load_trained(ctx.store, base_artifact)
-    base.to(device)
     if base.spec.cond_codebook_size:
         raise ConfigError(f"{base_artifact.ref}: train-guide guides a base transformer, not a super-res one")
     block = base.spec.depth // 2 if c.block is None else c.block
@@ -233,42 +280,48 @@ def run(ctx: StageContext) -> Artifact:
         raise ConfigError(f"train_guide.block {block}: {base_artifact.ref} has blocks 0..{base.spec.depth - 1}")
     text_info = TokensSchema.of(tokens.path).text
     record = TransformerRecord.of(base_artifact.path)
-    text = CaptionMemory(record.text_encoder, text_info is not None, device)
     targets, extra_spec = (None, {}) if c.target == "caption" else metadata_targets(inputs["shards"], c)
     spec = GuideSpec(feature_dim=base.spec.dim, block=block, target=c.target, dim=c.dim,
                      text_dim=base.spec.text_dim if c.target == "caption" else 0, **extra_spec)
-    with seeded(c.train.seed):
-        head = GuideHead(spec).to(device)
     columns = ["key", "caption", "tokens_low", *(["text_emb", "text_len"] if text_info is not None else []),
                *(["micro_conds"] if base.spec.micro_conditions else [])]
     train = TokenTable(tokens.path, "train", columns)
     if targets is not None:
         log.info("train-guide: %s in %d of %d train rows' metadata", c.field, len(targets["train"]), len(train))
         targets = {**targets["train"], **targets["val"]}
-    objective = GuideObjective(base, head, text, targets, c.train.seed)
-    log.info("train-guide: %s head on block %d of %s (%.2fM parameters)", c.target, block, base_artifact.manifest.label,
-             sum(p.numel() for p in head.parameters()) / 1e6)
-    loop = TrainLoop(c.train, objective, ctx.work_dir("guide"), "guide", device)
-    bs, seed = c.train.batch_size, c.train.seed
+    work_dir = ctx.work_dir("guide")
+    base_dir = base_artifact.path
+    if is_adapter(base_dir):  # workers load one saved model: the adapters merged in
+        base_dir = work_dir / "frozen-base"
+        save_transformer(base, base_dir)
     preview = None
     try:
-        tokenizer = ctx.store.resolve(record.tokenizers["tokens_low"]).path
-        grid = GuidedGrid(SampleGrid(tokens.path, tokenizer, "tokens_low", None, text, device, config.sampling.base),
-                          base, config.evaluate.guide_scales, targets)
-        preview = lambda loop: grid(loop.trained("guide"))  # noqa: E731
+        preview = (ctx.store.resolve(record.tokenizers["tokens_low"]).path, config.sampling.base,
+                   list(config.evaluate.guide_scales))
     except MissingArtifact:  # tokens copied from another store: no previews
         log.warning("train-guide: no previews: tokenizer %s is not in this store", record.tokenizers["tokens_low"])
-    figures = loop.run(lambda position: token_batches(train, bs, seed, position), preview=preview)
+    job = GuideJob(base_dir, spec, record.text_encoder, text_info is not None, targets, c.train, tokens.path, columns,
+                   work_dir, preview)
+    log.info("train-guide: %s head on block %d of %s (%.2fM parameters)", c.target, block, base_artifact.manifest.label,
+             sum(p.numel() for p in job.build().parameters()) / 1e6)
+    figures = fit(fit_worker, job, c.workers, config.ray, work_dir)
+    steps, world = int(figures.pop("steps")), int(figures.pop("workers"))
+    head = job.build()
+    head.load_state_dict(load_file(str(job.trained_path)))
+    base.to(device)
+    head.to(device)
+    objective = GuideObjective(base, head, CaptionMemory(record.text_encoder, text_info is not None, device), targets,
+                               c.train.seed)
     try:
         val = TokenTable(tokens.path, "val", columns)
     except FileNotFoundError:
         val = train
-    metrics = val_figures(objective, val, seed)
+    metrics = val_figures(objective, val, c.train.seed)
     with ctx.commit("guide", figures, grids=4) as out:
         save_guide(head, out.path, {"base": base_artifact.ref, "field": c.field,
                                     "sampling": config.sampling.guide.model_dump(mode="json")})
-        out.metrics = {**metrics, "steps": loop.step, "parameters": sum(p.numel() for p in head.parameters())}
+        out.metrics = {**metrics, "steps": steps, "workers": world,
+                       "parameters": sum(p.numel() for p in head.parameters())}
         out.details = {"spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__}}
     log.info("train-guide: %s", metrics)
     return out.artifact
-

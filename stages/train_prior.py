@@ -9,18 +9,22 @@ embedding for every caption: a prior that does not beat it has learned nothing o
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from muse.artifacts.store import Artifact
-from muse.config import ConfigError, PipelineConfig, TextEncoderConfig
+from muse.config import ConfigError, PipelineConfig, TextEncoderConfig, TrainConfig
 from muse.contracts import TokensSchema
 from muse.datasets.tokens import TokenTable, collate, token_batches
+from muse.distributed import fit, rank_world, worker_device
 from muse.models.prior import Prior, PriorSpec, save_prior
 from muse.models.text import pooled_text
 from muse.stage import StageContext
-from muse.training import TrainLoop, seeded
+from muse.training import TrainLoop, WorkerJob, seeded
 from muse.transformer_training import CaptionMemory
 
 NAME = "train-prior"
@@ -39,7 +43,8 @@ def enabled(config: PipelineConfig) -> bool:
 
 def config_of(config: PipelineConfig) -> dict:
     c = config.train_prior
-    return c.model_dump(mode="json", exclude={"enabled", "train"}) | {"train": c.train.versioned()}
+    return c.model_dump(mode="json", exclude={"enabled", "train", "workers"}) | {"train": c.train.versioned(),
+                                                                                "workers": c.workers.versioned()}
 
 
 def pooled(batch: dict) -> torch.Tensor:
@@ -73,27 +78,57 @@ def val_figures(prior: Prior, val: TokenTable, mean: torch.Tensor, device: torch
     return {"val_loss": round(ours / n, 5), "val_loss_mean_embedding": round(baseline / n, 5), "val_rows": n}
 
 
+@dataclass
+class PriorJob(WorkerJob):
+    """Everything a prior-training worker needs, picklable for Ray Train."""
+
+    spec: PriorSpec
+    train_cfg: TrainConfig
+    tokens_path: Path
+    work_dir: Path
+
+    def build(self) -> Prior:
+        with seeded(self.train_cfg.seed):
+            return Prior(self.spec)
+
+
+def fit_worker(job: PriorJob) -> dict:
+    """Train on this worker's share of the rows (rank-strided row groups); rank 0 saves the (EMA) weights."""
+    rank, world = rank_world()
+    device = worker_device()
+    prior = job.build().to(device)
+    train = TokenTable(job.tokens_path, "train", COLUMNS)
+    loop = TrainLoop(job.train_cfg, PriorObjective(prior), job.work_dir, "prior", device, rank=rank)
+    bs, seed = job.train_cfg.batch_size, job.train_cfg.seed
+    figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world))
+    loop.save_trained("prior")
+    return {**figures, "steps": loop.step, "workers": world}
+
+
 def run(ctx: StageContext) -> Artifact:
+    """Train the prior (in-process, or on Ray Train workers) and commit the `prior` artifact."""
     c, device, tokens = ctx.config.train_prior, ctx.device, ctx.inputs["tokens"]
     schema = TokensSchema.of(tokens.path)
     if schema.image is None or schema.text is None:
         raise ConfigError(f"train-prior needs precomputed text and CLIP image embeddings; {tokens.ref} has "
                           f"{'no clip_image_emb (enable train_clip)' if schema.image is None else 'no text_emb'}")
     spec = PriorSpec(text_dim=schema.text.dim, image_dim=schema.image.dim, dim=c.dim, depth=c.depth)
-    with seeded(c.train.seed):
-        prior = Prior(spec).to(device)
     train = TokenTable(tokens.path, "train", COLUMNS)
     try:
         val = TokenTable(tokens.path, "val", COLUMNS)
     except FileNotFoundError:
         val = train
     mean = F.normalize(torch.from_numpy(train.column("clip_image_emb", len(train))).float().mean(0), dim=0).to(device)
-    loop = TrainLoop(c.train, PriorObjective(prior), ctx.work_dir("prior"), "prior", device)
-    figures = loop.run(lambda position: token_batches(train, c.train.batch_size, c.train.seed, position))
-    metrics = val_figures(loop.trained("prior"), val, mean, device)
+    job = PriorJob(spec, c.train, tokens.path, ctx.work_dir("prior"))
+    figures = fit(fit_worker, job, c.workers, ctx.config.ray, job.work_dir)
+    steps, world = int(figures.pop("steps")), int(figures.pop("workers"))
+    prior = job.build()
+    prior.load_state_dict(load_file(str(job.trained_path)))
+    prior.to(device)
+    metrics = val_figures(prior, val, mean, device)
     with ctx.commit("prior", figures) as out:
-        save_prior(loop.trained("prior"), out.path, {"clip": schema.image.clip, "text_encoder":
-                                                     schema.text.encoder.model_dump(mode="json")})
-        out.metrics = {**metrics, "steps": loop.step}
+        save_prior(prior, out.path, {"clip": schema.image.clip, "text_encoder":
+                                     schema.text.encoder.model_dump(mode="json")})
+        out.metrics = {**metrics, "steps": steps, "workers": world}
     log.info("prior: %s", metrics)
     return out.artifact

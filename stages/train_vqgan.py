@@ -39,7 +39,7 @@ from muse.distributed import fit, rank_world, worker_device
 from muse.models.image_loss import ImageLoss, lpips_status, perceptual_loss, psnr
 from muse.models.vqgan import VQModel, from_pretrained, save_pretrained
 from muse.stage import OutputSpec, StageContext
-from muse.training import TRAINED, TrainLoop, seeded
+from muse.training import TrainLoop, WorkerJob, seeded
 
 NAME = "train-vqgan"
 INPUTS: tuple[str, ...] = ("shards", "segments")
@@ -214,7 +214,7 @@ def save_preview(inputs: torch.Tensor, recon: torch.Tensor, path: Path, scene: b
 
 
 @dataclass
-class TokenizerJob:
+class TokenizerJob(WorkerJob):
     """Everything a tokenizer's training worker needs, picklable for Ray Train."""
 
     kind: str
@@ -227,10 +227,6 @@ class TokenizerJob:
     work_dir: Path
     class_weights: list[float] | None = None  # the scene tokenizer's cross-entropy weights; None = an image tokenizer
     init_weights: Path | None = None  # warm start: the weights training begins from; None = random
-
-    @property
-    def trained_path(self) -> Path:
-        return self.work_dir / TRAINED
 
     def build(self) -> VQModel:
         """The untrained model, the same on every worker; built inside the process group, so its codebook

@@ -128,3 +128,19 @@ def test_each_tokenizer_is_versioned_on_what_it_reads():
     assert base_version("train_base.train.checkpoint_every=7", "train_base.train.compile=true",
                         "train_base.train.peak_tflops=989") == base_version()
     assert base_version("train_base.train.lr=0.01") != base_version()
+
+
+def test_gpus_puts_every_training_stage_on_gpu_workers_and_set_still_wins():
+    from muse.config import WorkersConfig, gpu_workers
+
+    cfg = load_config("tiny", overrides=gpu_workers(4) + ["train_prior.workers.num_workers=1"])
+    sections = {name for name in PipelineConfig.model_fields
+                if isinstance(getattr(getattr(cfg, name), "workers", None), WorkersConfig)}
+    assert sections == {"train_vqgan", "train_base", "train_superres", "finetune_decoder", "train_clip",
+                        "train_guide", "train_prior"}
+    for name in sections - {"train_prior"}:
+        assert getattr(cfg, name).workers.num_workers == 4 and getattr(cfg, name).workers.use_gpu
+    assert cfg.train_prior.workers.num_workers == 1  # a later --set wins
+    assert load_config("tiny").train_base.workers.num_workers == 1  # the negative control: no --gpus, one worker
+    with pytest.raises(ConfigError, match="--gpus 0"):
+        gpu_workers(0)

@@ -267,7 +267,7 @@ def test_exif_orientation_is_applied(tmp_path, store, small_config):
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_ray_tasks_write_the_same_shards_and_counters_as_the_process_pool(tmp_path, small_config):
+def test_ray_data_writes_the_same_shards_and_counters_as_the_process_pool(tmp_path, small_config):
     from muse.artifacts.store import ArtifactStore
 
     src = tmp_path / "src"

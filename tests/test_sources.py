@@ -196,6 +196,30 @@ def test_samples_lost_in_a_truncated_tar_are_counted_when_the_producer_said_how_
     assert m["written"] + m["rejected_truncated"] == 7 and m["rejected_truncated"] >= 4
 
 
+@pytest.mark.usefixtures("ray_local")
+def test_ray_data_workers_read_the_tars_and_write_what_the_pool_writes(tmp_path, small_config):
+    """Each tar is a Ray Data task that reads it on its worker: the same tar bytes and counters, a truncated tar
+    and a key reused across tars included."""
+    from muse.artifacts.store import ArtifactStore
+
+    src = tmp_path / "tars"
+    src.mkdir()
+    for n in range(3):
+        _tar(src / f"{n:05d}.tar", [f"{n:05d}{i:04d}" for i in range(5)])
+    _tar(src / "00003.tar", ["000000001"])  # a key the first tar used
+    data = _tar(src / "00004.tar", [f"4{i:08d}" for i in range(6)])
+    (src / "00004.tar").write_bytes(data[: len(data) // 3])
+    runs = {}
+    for engine in ("processes", "ray"):
+        art = execute(shard, small_config(f"shard.source={src}", f"shard.engine={engine}", "shard.dedupe=false"), {},
+                      ArtifactStore(tmp_path / engine))
+        runs[engine] = ({f.path: f.sha256 for f in art.manifest.files if f.path.endswith(".tar")},
+                        {k: v for k, v in art.manifest.metrics.items() if k != "images_per_s"})
+    assert runs["processes"] == runs["ray"] and runs["ray"][0]
+    m = runs["ray"][1]
+    assert m["written"] >= 15 and m["rejected_duplicate_key"] == 1 and m["rejected_truncated"] >= 1
+
+
 def test_a_caption_that_is_not_text_is_rejected_not_stored_as_its_repr(tmp_path, store, small_config):
     (tmp_path / "a.jpg").write_bytes(_jpg((5, 5, 5)))
     (tmp_path / "b.jpg").write_bytes(_jpg((50, 5, 5)))
