@@ -42,6 +42,8 @@ def _sampling_args(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> N
     p.add_argument("--temperature", type=float, help="token sampling temperature (annealed to 0), both passes")
     p.add_argument("--confidence-temperature", type=float, help="randomness of which tokens are kept, both passes")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens, both passes")
+    p.add_argument("--order", choices=["confidence", "halton"], help="which tokens each step keeps: the most "
+                   "confident, or the next of a Halton sequence over the grid; both passes")
     p.add_argument("--guide-scale", type=float, help="mid-layer guidance of the base pass by the trained guide; "
                    "0 = off, negative steers away" + trained)
     p.add_argument("--guide-label", help="with a guide trained on labels: the class steered towards")
@@ -66,8 +68,8 @@ def _sampling(pipe, args: argparse.Namespace):
 
     from muse.config import SamplerConfig, SamplingConfig
 
-    both = {k: getattr(args, k) for k in ("guidance_schedule", "temperature", "confidence_temperature", "top_k")
-            if getattr(args, k) is not None}
+    both = {k: getattr(args, k) for k in ("guidance_schedule", "temperature", "confidence_temperature", "top_k",
+                                          "order") if getattr(args, k) is not None}
 
     def apply(current: SamplerConfig, steps, scale) -> SamplerConfig:
         update = both | {k: v for k, v in (("steps", steps), ("guidance_scale", scale)) if v is not None}

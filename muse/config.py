@@ -421,6 +421,10 @@ class TransformerConfig(Section):
         "Super-res with cond_aligned: how the low-res grid reaches the high-res one. nearest: each low-res vector "
         "copied to the positions it covers; subpixel: a 3x3 convolution and pixel shuffle, so each high-res "
         "position gets its own projection of its low-res token and their neighbours (where an outline runs)."))
+    patch: int = Field(1, ge=1, description=(
+        "Token positions merged per side before the blocks (aMUSEd's U-ViT downsampling): attention and the MLPs "
+        "run on (side/patch)^2 positions, and every token is predicted from its block's output and its own input; "
+        "1 = every token is a position."))
     pooled_text: bool = Field(False, description=(
         "Give the memory a global token made from the pooled caption embedding (aMUSEd), the masked mean of its "
         "token embeddings; it is hidden with the text when the text is dropped."))
@@ -585,6 +589,10 @@ class SamplerConfig(Section):
     confidence_temperature: float = Field(4.5, ge=0, description="Randomness of which tokens are kept (MaskGIT's "
                                           "choice temperature), annealed to 0.")
     top_k: int | None = Field(None, ge=1, description="Sample among the k most likely tokens; None = all.")
+    order: Literal["confidence", "halton"] = Field("confidence", description=(
+        "Which sampled tokens each step keeps: the most confident (MaskGIT), or the next positions of a Halton "
+        "sequence over the grid (Halton-MaskGIT), which spreads each step's tokens apart so neighbours are decided "
+        "in later steps, each seeing the others."))
 
 
 class GuideSamplingConfig(Section):

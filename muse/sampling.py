@@ -5,6 +5,9 @@ every masked token, samples a candidate per position (temperature annealed to 0,
 top-k), and keeps the most confident candidates so that the number still masked follows
 the cosine schedule; the rest are masked again. Known tokens never change.
 
+With `order: halton` the kept tokens are instead the next masked positions of a Halton
+sequence over the grid (Besnier et al. 2025), so the tokens of one step lie far apart.
+
 Guidance: l_g = (1 + t) l_c - t l_u, with t rising linearly from 0 to `guidance_scale` over
 the steps (or constant); l_u comes from the empty text, or from a negative prompt. The
 conditional and unconditional passes share one batched forward, and every block's
@@ -12,6 +15,8 @@ cross-attention keys/values of the memory are computed once per image, not per s
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +51,26 @@ def _filter_top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+@functools.lru_cache(maxsize=8)
+def halton_order(side: int) -> torch.Tensor:
+    """[side*side] rank of every grid position in the 2-D Halton sequence (bases 2 and 3): the first positions
+    cover the grid evenly and every later one falls between earlier ones."""
+    def radical_inverse(i: int, base: int) -> float:
+        out, f = 0.0, 1.0 / base
+        while i:
+            out, i, f = out + f * (i % base), i // base, f / base
+        return out
+
+    rank = torch.full((side * side,), -1, dtype=torch.long)
+    seen, i = 0, 1
+    while seen < side * side:
+        pos = int(radical_inverse(i, 3) * side) * side + int(radical_inverse(i, 2) * side)
+        if rank[pos] < 0:
+            rank[pos], seen = seen, seen + 1
+        i += 1
+    return rank
+
+
 @torch.no_grad()
 def decode(model: MaskedTransformer, memory: torch.Tensor, memory_mask: torch.Tensor,
            uncond_memory: torch.Tensor | None, uncond_mask: torch.Tensor | None, cfg: SamplerConfig,
@@ -65,6 +90,7 @@ def decode(model: MaskedTransformer, memory: torch.Tensor, memory_mask: torch.Te
         mem, mem_mask = memory, memory_mask
     kv = model.memory_kv(mem)
     unknown = (tokens == mask_id).sum(1)  # per row
+    halton = -halton_order(model.spec.side).to(device).float() if cfg.order == "halton" else None
     for step in range(cfg.steps):
         masked = tokens == mask_id
         if not masked.any():
@@ -81,7 +107,10 @@ def decode(model: MaskedTransformer, memory: torch.Tensor, memory_mask: torch.Te
         else:
             sampled = logits.argmax(-1)
         logp = F.log_softmax(logits, -1).gather(-1, sampled[..., None])[..., 0]
-        confidence = logp + cfg.confidence_temperature * anneal * gumbel_noise(logp.shape, generator, device)
+        if halton is None:
+            confidence = logp + cfg.confidence_temperature * anneal * gumbel_noise(logp.shape, generator, device)
+        else:  # earlier in the sequence counts as more confident
+            confidence = halton.expand_as(logp).clone()
         confidence = confidence.masked_fill(~masked, float("inf"))  # known tokens are never re-masked
         candidate = torch.where(masked, sampled, tokens)
         still = torch.tensor([masked_after_step(step, cfg.steps, int(u)) for u in unknown], device=device)

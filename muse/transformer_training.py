@@ -233,7 +233,8 @@ def transformer_spec(model_cfg, geometry: dict[str, TokenGeometry], text_dim: in
         cond_upsample=model_cfg.cond_upsample if cond else "nearest",
         scene_codebook_size=geometry["seg_tokens"].codebook_size if scene else 0,
         scene_side=geometry["seg_tokens"].side if scene else 0,
-        pooled_text=model_cfg.pooled_text, micro_conditions=tuple(model_cfg.micro_conditions), image_dim=image_dim)
+        pooled_text=model_cfg.pooled_text, micro_conditions=tuple(model_cfg.micro_conditions), image_dim=image_dim,
+        patch=model_cfg.patch)
 
 
 def stage_config(config: PipelineConfig, section: str) -> dict:

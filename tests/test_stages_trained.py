@@ -149,6 +149,10 @@ def test_generate_cli_with_a_prompts_file(trained_store, tmp_path, capsys):
     assert main(["generate", "a green triangle", "--out", str(out), "--steps", "2", "--no-superres",
                  "--store", str(store.root)]) == 0
     assert (out / "0000.png").is_file()
+    halton = tmp_path / "halton"
+    assert main(["generate", "a green triangle", "--out", str(halton), "--steps", "2", "--no-superres", "--order",
+                 "halton", "--store", str(store.root)]) == 0
+    assert (halton / "0000.png").read_bytes() != (out / "0000.png").read_bytes()  # the flag reaches the sampler
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "x", "prompt": "ok"}\n{"prompt": "no id"}\n')
     assert main(["generate", "--prompts", str(bad), "--store", str(store.root)]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -304,3 +305,84 @@ def test_a_data_parallel_rank_draws_the_same_masks_in_every_process(tmp_path):
     assert digests[0] == digests[1]
     # and the rank's draws are its own, not rank 0's
     assert digests[0] != _digest(_train_masked(tmp_path / "r0", SPEC, steps=2))
+
+
+def test_patched_transformer_runs_its_blocks_on_merged_positions_and_predicts_every_token():
+    torch.manual_seed(0)
+    spec = TransformerSpec(dim=32, depth=2, heads=4, codebook_size=16, side=8, text_dim=8, patch=2)
+    model = MaskedTransformer(spec).eval()
+    memory, mask = _memory(model)
+    tokens = torch.randint(0, 17, (2, 64))
+    assert model.hidden(tokens, memory, mask).shape == (2, 16, 32) and model(tokens, memory, mask).shape == (2, 64, 16)
+    # the split is the merge's layout inverted: position (r, c) comes back to (r, c)
+    x = torch.arange(64 * 32, dtype=torch.float).view(1, 64, 32)
+    grid = torch.nn.functional.pixel_unshuffle(x.transpose(1, 2).reshape(1, 32, 8, 8), 2)
+    assert torch.equal(model._unmerged(grid.flatten(2).transpose(1, 2)), x)
+    # a token reaches the blocks only through its own 2x2 block's position
+    merged = model._merged(model.embed(tokens))
+    changed = tokens.clone()
+    changed[:, 8 * 2 + 3] = (changed[:, 8 * 2 + 3] + 1) % 16  # row 2, column 3: block (1, 1)
+    moved = (model._merged(model.embed(changed)) - merged).abs().sum(-1)
+    assert (moved[:, 1 * 4 + 1] > 0).all() and (moved.sum(1) == moved[:, 5]).all()
+    unpatched = MaskedTransformer(TransformerSpec(dim=32, depth=2, heads=4, codebook_size=16, side=8, text_dim=8))
+    assert model.flops_per_token(6) < 0.5 * unpatched.flops_per_token(6)
+    with pytest.raises(ValueError, match="does not divide"):
+        MaskedTransformer(TransformerSpec(dim=32, depth=1, heads=4, codebook_size=16, side=6, text_dim=8, patch=4))
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_a_patched_transformer_learns_tokens_that_differ_inside_each_block(patch):
+    """Each 2x2 block holds four different codes, set by the caption: a merged position must still tell its four
+    tokens apart (through its split and each token's own input), as an unmerged one does."""
+    from muse.transformer_training import MaskedObjective
+
+    torch.manual_seed(0)
+    spec = TransformerSpec(dim=32, depth=2, heads=4, codebook_size=16, side=8, text_dim=8, patch=patch)
+    model = MaskedTransformer(spec)
+    patterns = torch.randint(0, 16, (4, 64))
+    captions = torch.randn(4, 3, 8)
+    text = lambda batch: (batch["text_emb"], torch.ones(batch["text_emb"].shape[:2], dtype=torch.bool))  # noqa: E731
+    objective = MaskedObjective(model, "tokens_low", text, text_drop_rate=0.0, label_smoothing=0.0, cond=None)
+    opt = torch.optim.AdamW(model.parameters(), 3e-3)
+    for step in range(300):
+        pick = torch.randint(0, 4, (32,))
+        loss = objective.losses({"tokens_low": patterns[pick], "text_emb": captions[pick]}, step)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():  # every token masked: the caption alone must give the pattern
+        logits = model(torch.full((4, 64), spec.mask_id), *model.memory(captions, torch.ones(4, 3, dtype=torch.bool)))
+    assert float((logits.argmax(-1) == patterns).float().mean()) > 0.95
+
+
+def test_halton_order_spreads_the_first_positions_and_the_sampler_keeps_them_in_that_order():
+    from muse.sampling import halton_order
+
+    rank = halton_order(8)
+    assert sorted(rank.tolist()) == list(range(64))
+    first = [int(p) for p in rank.argsort()[:16]]  # the first quarter of the sequence: 3 to 5 in every quadrant
+    assert sorted(Counter((p // 8 >= 4, p % 8 >= 4) for p in first).values()) == [3, 4, 4, 5]
+    torch.manual_seed(0)
+    model = MaskedTransformer(SPEC).eval()
+    memory, mask = _memory(model)
+    history = []
+    original = model.forward
+
+    def forward(tokens, *args, **kwargs):
+        history.append(tokens.clone())
+        return original(tokens, *args, **kwargs)
+
+    model.forward = forward
+    cfg = SamplerConfig(steps=16, guidance_scale=0.0, order="halton")
+    out = decode(model, memory, mask, None, None, cfg, torch.Generator().manual_seed(0))
+    assert (out < 16).all()
+    unmasked = [int(((after != 16) & (before == 16))[0].nonzero()[0]) for before, after in
+                zip(history, history[1:] + [out]) if ((after != 16) & (before == 16))[0].sum() == 1]
+    order = halton_order(4)
+    assert [int(order[p]) for p in unmasked] == sorted(int(order[p]) for p in unmasked)
+    assert len(unmasked) >= 8
+    model.forward = original
+    confidence = decode(model, memory, mask, None, None, cfg.model_copy(update={"order": "confidence"}),
+                        torch.Generator().manual_seed(0))
+    assert not torch.equal(confidence, out)  # the negative control: the order changes what is sampled

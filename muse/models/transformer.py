@@ -12,8 +12,12 @@ CLIP image-embedding token (DALL-E 2's image latent), and optionally one global 
 text) and the image's micro-conditions (`muse.micro_conditions`), projected together. With
 `cond_aligned`, the encoded low-res grid is also upsampled (nearest) to the high-res grid
 and added to the input embeddings, so each position sees the coarse token it refines.
-Attention is `scaled_dot_product_attention`; `memory_kv` lets a sampler compute each
-block's cross-attention keys and values once per image instead of once per step.
+With `patch` p > 1 (aMUSEd's U-ViT downsampling), each p x p block of input embeddings is
+merged into one position before the blocks and split back after them, so attention and the
+MLPs run on side/p x side/p positions; each token's logits read its block's output plus its
+own input embedding. Attention is `scaled_dot_product_attention`; `memory_kv` lets a
+sampler compute each block's cross-attention keys and values once per image instead of
+once per step.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class TransformerSpec:
     pooled_text: bool = False  # the global token holds the pooled caption embedding
     micro_conditions: tuple[str, ...] = ()  # ... and these micro-condition groups (muse.micro_conditions.GROUPS)
     image_dim: int = 0  # width of the CLIP image embedding given as one memory token (0 = none)
+    patch: int = 1  # token positions merged per side before the blocks (1 = none; aMUSEd's U-ViT downsampling)
 
     @property
     def global_width(self) -> int:
@@ -61,6 +66,11 @@ class TransformerSpec:
     @property
     def mask_id(self) -> int:
         return self.codebook_size
+
+    @property
+    def block_side(self) -> int:
+        """Side of the grid the blocks run on."""
+        return self.side // self.patch
 
 
 class Attention(nn.Module):
@@ -162,6 +172,11 @@ class MaskedTransformer(nn.Module):
         self.spec = spec
         d = spec.dim
         self.embed = GridEmbedding(spec.codebook_size + 1, spec.side, d)
+        if spec.patch > 1:
+            if spec.side % spec.patch:
+                raise ValueError(f"patch {spec.patch} does not divide the token side {spec.side}")
+            self.merge = nn.Linear(d * spec.patch ** 2, d)  # each patch x patch block of embeddings -> one position
+            self.split = nn.Linear(d, d * spec.patch ** 2)  # and back: one vector per token of the block
         self.null = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.text_proj = nn.Sequential(nn.LayerNorm(spec.text_dim), nn.Linear(spec.text_dim, d))
         if spec.cond_codebook_size:
@@ -252,17 +267,41 @@ class MaskedTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
                 kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """tokens [B, N] (mask id where masked) -> logits [B, N, codebook_size]."""
-        return self.head(self.norm(self.hidden(tokens, memory, memory_mask, kv)))
+        x = self._inputs(tokens, memory)
+        h = self._blocks(self._merged(x), memory, memory_mask, kv)
+        if self.spec.patch > 1:  # each token reads its block's output and, skipping the blocks, its own input
+            h = self._unmerged(self.split(h)) + x
+        return self.head(self.norm(h))
 
     def hidden(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
                kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None, blocks: int | None = None) -> torch.Tensor:
-        """Hidden states [B, N, dim] after the first `blocks` blocks (all of them when None)."""
+        """Hidden states [B, block_side^2, dim] after the first `blocks` blocks (all of them when None)."""
+        return self._blocks(self._merged(self._inputs(tokens, memory)), memory, memory_mask, kv, blocks)
+
+    def _inputs(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
         if self.spec.cond_aligned and self.spec.cond_codebook_size:
             x = x + self._aligned_cond(memory)
+        return x
+
+    def _blocks(self, x, memory, memory_mask, kv, blocks: int | None = None) -> torch.Tensor:
         for i, block in enumerate(self.blocks[:blocks]):
             x = block(x, memory, memory_mask, None if kv is None else kv[i])
         return x
+
+    def _merged(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, side^2, d] -> [B, block_side^2, d]: each patch x patch block's embeddings, concatenated, projected."""
+        p, s = self.spec.patch, self.spec.side
+        if p == 1:
+            return x
+        grid = F.pixel_unshuffle(x.transpose(1, 2).reshape(x.shape[0], -1, s, s), p)  # [B, d p^2, s/p, s/p]
+        return self.merge(grid.flatten(2).transpose(1, 2))
+
+    def _unmerged(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, block_side^2, d p^2] -> [B, side^2, d]: the inverse layout of `_merged`."""
+        p, bs = self.spec.patch, self.spec.block_side
+        grid = F.pixel_shuffle(h.transpose(1, 2).reshape(h.shape[0], -1, bs, bs), p)
+        return grid.flatten(2).transpose(1, 2)
 
     def _aligned_cond(self, memory: torch.Tensor) -> torch.Tensor:
         """The encoded low-res grid (memory positions 1..n) projected and upsampled to the token grid."""
@@ -277,10 +316,11 @@ class MaskedTransformer(nn.Module):
 
     def flops_per_token(self, memory_len: int) -> float:
         """Training FLOPs per image token (6 x matmul params + attention), for throughput and MFU figures."""
-        d, n = self.spec.dim, self.spec.side ** 2
+        d, n, p2 = self.spec.dim, self.spec.block_side ** 2, self.spec.patch ** 2
         per_block = 4 * d * d + 2 * d * d + 2 * d * d + 2 * self.spec.mlp_ratio * d * d  # self, cross q/out, kv, mlp
         attn = 2 * n * d + 2 * memory_len * d
-        return 6 * self.spec.depth * per_block + 6 * self.spec.depth * attn + 6 * d * self.spec.codebook_size
+        merge = 0 if p2 == 1 else 2 * d * d  # merge and split, per token
+        return 6 * self.spec.depth * (per_block + attn) / p2 + 6 * merge + 6 * d * self.spec.codebook_size
 
 
 def save_transformer(model: MaskedTransformer, directory, extra: dict | None = None) -> None:
