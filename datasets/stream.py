@@ -5,13 +5,15 @@ through a shuffle buffer driven by the same rng. The stream is a pure function
 of (files, seed, buffer), so position p — samples already consumed — identifies
 where training stands: resuming replays the raw bytes up to p without decoding
 them and continues exactly where the interrupted run would have. Ranks of a
-data-parallel job take disjoint tars (`rank::world`).
+data-parallel job take disjoint tars (`rank::world`); with `streams` set, the tars
+are split into that many disjoint streams instead and each rank reads its share of
+them in turn (`rank_share`), so a step's samples do not depend on the worker count.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -21,10 +23,40 @@ from muse.datasets.tars import iter_tar
 T = TypeVar("T")
 
 
+def rank_share(make: Callable[[int, int], Iterator[T]], start: int, rank: int, world: int,
+               streams: int) -> Iterator[T]:
+    """This rank's share of `streams` disjoint streams: streams rank, rank + world, ..., one item of each in
+    turn, so every k * n consecutive items (k streams) hold n of each. `make(stream, skip)` opens one stream
+    past its first `skip` items; `start` items of the share were consumed, start / k of each stream."""
+    if streams % world:
+        raise ValueError(f"{streams} data streams cannot be split evenly over {world} workers")
+    mine = range(rank, streams, world)
+    if start % len(mine):
+        raise ValueError(f"position {start} is not a whole number of rounds over {len(mine)} streams")
+    if len(mine) == 1:
+        return make(rank, start)
+    return _round_robin([make(d, start // len(mine)) for d in mine])
+
+
+def _round_robin(iterators: Iterable[Iterator[T]]) -> Iterator[T]:
+    iterators = list(iterators)
+    while True:
+        for it in iterators:
+            yield next(it)
+
+
 def sample_stream(
-    files: list[Path], seed: int, start: int = 0, buffer: int = 256, rank: int = 0, world: int = 1
+    files: list[Path], seed: int, start: int = 0, buffer: int = 256, rank: int = 0, world: int = 1,
+    streams: int | None = None,
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Endless shuffled stream of raw samples, skipping the first `start` (already consumed)."""
+    """Endless shuffled stream of raw samples, skipping the first `start` (already consumed); `streams`: split
+    the tars into that many streams instead of one per rank (`rank_share`)."""
+    return rank_share(lambda stream, skip: _tar_stream(files, seed, skip, buffer, stream, streams or world),
+                      start, rank, world, streams or world)
+
+
+def _tar_stream(files: list[Path], seed: int, start: int, buffer: int, rank: int,
+                world: int) -> Iterator[tuple[str, dict[str, bytes]]]:
     files = sorted(files)[rank::world] if len(files) >= world else sorted(files)
     if not files:
         raise ValueError("no tar files to stream")

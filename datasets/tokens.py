@@ -6,7 +6,8 @@ lazily). Two ways in:
 - `table[i]` / `TokenDataset`: random access to row i (its row group decoded and cached),
   a map-style `torch.utils.data.Dataset` for DataLoader users.
 - `stream(seed, start, rank, world)`: the training path. Epoch e permutes the row groups
-  with rng(seed, e); rank r takes every world-th of them; rows are shuffled inside a window
+  with rng(seed, e); rank r takes every world-th of them (or its share of `streams` such
+  splits, `muse.datasets.stream.rank_share`); rows are shuffled inside a window
   of `window` row groups. Only that window is in memory, whatever the dataset size. The
   stream is a pure function of its arguments, so `start` (samples already consumed)
   resumes exactly, skipping whole row groups without reading them.
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from muse.contracts import TokensSchema
+from muse.datasets.stream import rank_share
 
 SCHEMA_FILE = TokensSchema.FILE
 SCHEMA_METADATA_KEY = "muse"  # parquet schema metadata: {"geometry": ..., "text": ...}
@@ -131,11 +133,17 @@ class TokenTable:
         order = np.random.default_rng([seed, epoch]).permutation(len(self.groups))
         return [self.groups[i] for i in order[rank::world]]
 
-    def stream(self, seed: int, start: int = 0, rank: int = 0, world: int = 1, window: int = 4) -> Iterator[dict]:
-        """Endless shuffled rows for one rank, skipping the first `start` it would have produced."""
+    def stream(self, seed: int, start: int = 0, rank: int = 0, world: int = 1, window: int = 4,
+               streams: int | None = None) -> Iterator[dict]:
+        """Endless shuffled rows for one rank, skipping the first `start` it would have produced; `streams`:
+        split the row groups into that many streams instead of one per rank (`rank_share`)."""
+        return rank_share(lambda stream, skip: self._stream(seed, skip, stream, streams or world, window),
+                          start, rank, world, streams or world)
+
+    def _stream(self, seed: int, start: int, rank: int, world: int, window: int) -> Iterator[dict]:
         if len(self.groups) < world:
-            raise ValueError(f"{len(self.groups)} row groups cannot be split over {world} ranks; "
-                             "lower tokenize.row_group_size")
+            raise ValueError(f"{len(self.groups)} row groups cannot be split into {world} streams (one per worker, "
+                             "or train.data_streams); lower tokenize.row_group_size")
         position, epoch = 0, 0
         while True:
             groups = self.rank_groups(epoch, seed, rank, world)
@@ -185,8 +193,8 @@ def collate(rows: list[dict]) -> dict:
 
 
 def token_batches(table: TokenTable, batch_size: int, seed: int, start: int = 0, rank: int = 0,
-                  world: int = 1) -> Iterator[dict]:
+                  world: int = 1, streams: int | None = None) -> Iterator[dict]:
     """Endless collated batches from `table.stream` (start counted in samples)."""
-    rows = table.stream(seed, start, rank, world)
+    rows = table.stream(seed, start, rank, world, streams=streams)
     while True:
         yield collate([next(rows) for _ in range(batch_size)])

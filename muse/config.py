@@ -209,6 +209,11 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints in .work/.")
     log_every: int = Field(50, ge=1, description="Steps between logged figures.")
     shuffle_buffer: int = Field(256, ge=1, description="Samples in the streaming shuffle buffer.")
+    data_streams: int | None = Field(None, ge=1, description=(
+        "Disjoint streams the training data is split into (every n-th tar or row group), each giving an equal "
+        "share of every step's global batch; each worker reads its own streams. None = one per worker. Set it "
+        "to a multiple of every worker count the run may use: the version then holds the global batch, not the "
+        "worker count, and a run resumes on another number of workers with the same samples in every step."))
     seed: int = Field(0, description="Seed for weights, data order and masking.")
     peak_tflops: float | None = Field(None, gt=0, description="Dense peak of one accelerator in TFLOP/s (H100 SXM "
                                       "bf16: 989) for the logged MFU; None = no MFU figure.")
@@ -216,9 +221,11 @@ class TrainConfig(Section):
     def versioned(self) -> dict:
         """The knobs that change what is trained, for an artifact's version: how often it logs or checkpoints,
         the MFU peak, compiling and activation checkpointing (the same math) leave the weights alone; the
-        default optimizer is left out, so the versions made before it was a knob stand."""
+        default optimizer and data split are left out, so the versions made before they were knobs stand."""
         same = {"log_every", "checkpoint_every", "peak_tflops", "compile", "activation_checkpointing"}
-        return self.model_dump(mode="json", exclude=same | ({"optimizer"} if self.optimizer == "adamw" else set()))
+        defaults = ({"optimizer"} if self.optimizer == "adamw" else set()) | \
+            ({"data_streams"} if self.data_streams is None else set())
+        return self.model_dump(mode="json", exclude=same | defaults)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -252,6 +259,16 @@ class WorkersConfig(Section):
         """What changes the weights, for an artifact's version: how many workers share the data (each reads its
         own files), not where they run."""
         return {"num_workers": self.num_workers}
+
+
+def data_parallel_versioned(train: TrainConfig, workers: WorkersConfig) -> dict:
+    """The `train` and `workers` entries of a training stage's version. With `train.data_streams` set, the data
+    split no longer follows the workers: the global batch (batch x grad_accum x workers) stands for how it is
+    cut, so the same run on another worker count keeps its version and resumes (`muse.training.TrainLoop`)."""
+    if train.data_streams is None:
+        return {"train": train.versioned(), "workers": workers.versioned()}
+    versioned = {k: v for k, v in train.versioned().items() if k not in ("batch_size", "grad_accum")}
+    return {"train": versioned | {"global_batch": train.batch_size * train.grad_accum * workers.num_workers}}
 
 
 class PanopticSegmenterConfig(Section):

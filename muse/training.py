@@ -10,7 +10,8 @@ free of training concerns:
 - EMA copies of chosen modules;
 - checkpoints in the artifact's `.work/` dir (modules, optimizers, schedules, EMA,
   step, data position, RNG states), written atomically; a rerun resumes from the
-  last one and continues exactly as if never interrupted;
+  last one and continues exactly as if never interrupted; with `train.data_streams`
+  set it may resume on another worker count (the same samples in every step);
 - a non-finite loss stops training with an error naming the step, the last good
   checkpoint untouched;
 - progress bar, logged figures (losses, samples/s, ETA) and TensorBoard events.
@@ -39,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from muse.config import TrainConfig
+from muse.config import ConfigError, TrainConfig
 from muse.progress import report
 from muse.errors import UserError
 from muse.distributed import autocast, average_gradients, broadcast_buffers, rank_world
@@ -120,6 +121,18 @@ def _checkpointed(forward: Callable, *args, **kwargs):
     if torch.is_grad_enabled():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return forward(*args, **kwargs)
+
+
+def check_data_split(cfg: TrainConfig, world: int) -> None:
+    """`train.data_streams` must split evenly over the workers, and each worker's batch over its streams."""
+    streams = cfg.data_streams
+    if streams is None:
+        return
+    if streams % world:
+        raise ConfigError(f"train.data_streams {streams} is not a multiple of the {world} workers")
+    if cfg.batch_size % (streams // world):
+        raise ConfigError(f"train.batch_size {cfg.batch_size} does not split over the {streams // world} data "
+                          f"streams each of the {world} workers reads (train.data_streams {streams})")
 
 
 def _rng_state() -> dict:
@@ -241,7 +254,7 @@ class TrainLoop:
                 raise TrainingDiverged(f"{self.name}: {k} weights are not finite after step {self.step}; training "
                                          f"stopped, last good checkpoint: {last} ({self.checkpoint_path})")
         state = {
-            "step": self.step, "position": self.position, "rng": _rng_state(),
+            "step": self.step, "position": self.position, "world": rank_world()[1], "rng": _rng_state(),
             "generator": None if self.generator is None else self.generator.get_state(),
             "modules": {k: m.state_dict() for k, m in self.objective.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
@@ -278,7 +291,7 @@ class TrainLoop:
             s.load_state_dict(state["schedules"][k])
         for k, m in self.ema.items():
             m.load_state_dict(state["ema"][k])
-        self.step, self.position = state["step"], state["position"]
+        self.step, self.position = state["step"], self._position_here(state)
         self.figures = dict(state.get("figures", {}))  # absent in checkpoints written before figures were kept
         self.saved_step = self.step
         _set_rng_state(state["rng"])
@@ -286,6 +299,23 @@ class TrainLoop:
             self.generator.set_state(state["generator"])
         log.info("%s: resumed from %s at step %d", self.name, self.checkpoint_path, self.step)
         return True
+
+    def _position_here(self, state: dict) -> int:
+        """This worker's data position from a checkpoint that `state["world"]` workers wrote: every worker
+        consumes as many samples per step, so the global position divides over another count (the version
+        keeps the global batch when `train.data_streams` is set, and a count that changes it never reaches
+        this checkpoint)."""
+        world = rank_world()[1]
+        written = state.get("world", world)  # absent: written before worker counts could change
+        if written == world:
+            return state["position"]
+        if self.cfg.data_streams is None:
+            raise UserError(f"{self.checkpoint_path}: written by {written} workers, resumed on {world}; the data "
+                            f"split follows the worker count unless train.data_streams is set")
+        consumed = state["position"] * written
+        log.info("%s: the checkpoint of %d workers resumes on %d (%d samples in)", self.name, written, world,
+                 consumed)
+        return consumed // world
 
     # ------------------------------------------------------------------ training
 
@@ -311,6 +341,7 @@ class TrainLoop:
         `work_dir/samples/step-NNNNNNN.png` and logged to TensorBoard.
         """
         cfg = self.cfg
+        check_data_split(cfg, rank_world()[1])
         self.resume()
         if self.rank > 0:  # the checkpoint holds rank 0's RNG: give this rank its own masks and dropout
             rank_seed = hash((cfg.seed, self.rank, self.step)) % 2**31  # ints only: str hashes differ per process

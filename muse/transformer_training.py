@@ -27,6 +27,7 @@ from muse.config import (
     SamplerConfig,
     TextEncoderConfig,
     TrainConfig,
+    data_parallel_versioned,
 )
 from muse.contracts import TokenGeometry, TokensSchema, TransformerRecord
 from muse.datasets.tokens import TokenTable, collate, token_batches
@@ -213,7 +214,8 @@ def fit_worker(job: TransformerJob) -> dict:
     if rank == 0 and job.tokenizer_path is not None:
         grid = SampleGrid(job.tokens_path, job.tokenizer_path, job.target, job.cond, text, device, job.sampler)
         preview = lambda loop: grid.labelled(grid(loop.trained("transformer")))  # noqa: E731
-    figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world), preview=preview)
+    streams = job.train_cfg.data_streams
+    figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world, streams), preview=preview)
     loop.save_trained("transformer")
     trained_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)  # what the optimizer updates
     return {**figures, "steps": loop.step, "workers": world, "trained_parameters": trained_parameters}
@@ -242,7 +244,8 @@ def stage_config(config: PipelineConfig, section: str) -> dict:
     and the text encoder when embeddings are computed at training time; not the sampler pass the model records
     for generation (it changes no weight), nor the warm start, which `masked_outputs` hashes as an input."""
     c: MaskedTransformerStageConfig = getattr(config, section)
-    return {section: c.model_dump(mode="json", exclude={"init"}) | {"train": c.train.versioned()},
+    return {section: c.model_dump(mode="json", exclude={"init", "train", "workers"}) |
+            data_parallel_versioned(c.train, c.workers),
             "text_encoder": config.tokenize.text_encoder.model_dump(mode="json")}
 
 

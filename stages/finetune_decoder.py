@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact
-from muse.config import PipelineConfig, TrainConfig, VQLossConfig
+from muse.config import PipelineConfig, TrainConfig, VQLossConfig, data_parallel_versioned
 from muse.datasets.decode import image_decoder
 from muse.datasets.shards import shard_files
 from muse.datasets.stream import batches, iter_tar, sample_stream
@@ -49,7 +49,7 @@ log = logging.getLogger("muse.stages.finetune_decoder")
 def config_of(config: PipelineConfig) -> dict:
     """The decoder's shape, losses and the training knobs that change its weights."""
     c = config.finetune_decoder
-    return c.model_dump(mode="json") | {"train": c.train.versioned(), "workers": c.workers.versioned()}
+    return c.model_dump(mode="json", exclude={"train", "workers"}) | data_parallel_versioned(c.train, c.workers)
 
 
 def tokenizer_digest(model: VQModel) -> str:
@@ -143,7 +143,7 @@ def fit_worker(job: DecoderJob) -> dict:
     loop = TrainLoop(job.train_cfg, objective, job.work_dir, "decoder", device, rank=rank)
     cfg, decode = job.train_cfg, image_decoder(tokenizer.cfg.resolution)
     figures = loop.run(lambda position: batches(sample_stream(job.train_files, cfg.seed, position, cfg.shuffle_buffer,
-                                                              rank, world), cfg.batch_size, decode))
+                                                              rank, world, cfg.data_streams), cfg.batch_size, decode))
     if tokenizer_digest(tokenizer) != before:
         raise RuntimeError("finetune-decoder changed the frozen encoder/codebook: token ids would no longer match")
     loop.save_trained("decoder")

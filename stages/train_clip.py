@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from muse.artifacts.store import Artifact
-from muse.config import ClipArchConfig, PipelineConfig, TrainConfig
+from muse.config import ClipArchConfig, PipelineConfig, TrainConfig, data_parallel_versioned
 from muse.datasets.decode import image_bytes, image_tensor
 from muse.datasets.shards import shard_files
 from muse.datasets.stream import iter_tar, sample_stream
@@ -46,8 +46,8 @@ def enabled(config: PipelineConfig) -> bool:
 
 def config_of(config: PipelineConfig) -> dict:
     c = config.train_clip
-    return c.model_dump(mode="json", exclude={"enabled", "train", "workers"}) | {"train": c.train.versioned(),
-                                                                                "workers": c.workers.versioned()}
+    return c.model_dump(mode="json", exclude={"enabled", "train", "workers"}) | data_parallel_versioned(c.train,
+                                                                                                       c.workers)
 
 
 class ClipObjective:
@@ -76,9 +76,9 @@ class ClipObjective:
 
 
 def pairs(files: list[Path], clip: Clip, batch_size: int, seed: int, position: int,
-          shuffle_buffer: int, rank: int = 0, world: int = 1) -> Iterator[dict]:
+          shuffle_buffer: int, rank: int = 0, world: int = 1, streams: int | None = None) -> Iterator[dict]:
     """Endless shuffled batches {image [B, 3, S, S] in [-1, 1], tokens [B, context]} from this rank's shard tars."""
-    stream = sample_stream(files, seed, position, shuffle_buffer, rank, world)
+    stream = sample_stream(files, seed, position, shuffle_buffer, rank, world, streams)
     while True:
         samples = [next(stream)[1] for _ in range(batch_size)]
         yield {"image": torch.stack([image_tensor(image_bytes(s), clip.image_size) for s in samples]),
@@ -149,7 +149,7 @@ def fit_worker(job: ClipJob) -> dict:
                  sum(p.numel() for p in clip.parameters()) / 1e6, clip.image_size, clip.context_length, world)
     cfg = job.train_cfg
     figures = loop.run(lambda position: pairs(job.train_files, clip, cfg.batch_size, cfg.seed, position,
-                                              cfg.shuffle_buffer, rank, world))
+                                              cfg.shuffle_buffer, rank, world, cfg.data_streams))
     loop.save_trained("clip")
     return {**figures, "steps": loop.step, "workers": world}
 

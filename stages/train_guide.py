@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from muse.artifacts.store import Artifact, MissingArtifact
-from muse.config import ConfigError, PipelineConfig, SamplerConfig, TextEncoderConfig, TrainConfig, TrainGuideConfig
+from muse.config import (ConfigError, PipelineConfig, SamplerConfig, TextEncoderConfig, TrainConfig, TrainGuideConfig,
+                         data_parallel_versioned)
 from muse.contracts import TokensSchema, TransformerRecord
 from muse.datasets.shards import metadata_value, shard_files
 from muse.datasets.stream import iter_tar
@@ -57,8 +58,8 @@ def enabled(config: PipelineConfig) -> bool:
 def config_of(config: PipelineConfig) -> dict:
     """The head, its target and the training knobs that change its weights."""
     c = config.train_guide
-    return c.model_dump(mode="json", exclude={"enabled", "workers"}) | {"train": c.train.versioned(),
-                                                                       "workers": c.workers.versioned()}
+    return c.model_dump(mode="json", exclude={"enabled", "train", "workers"}) | data_parallel_versioned(c.train,
+                                                                                                       c.workers)
 
 
 def metadata_targets(shards: Artifact, c: TrainGuideConfig) -> tuple[dict[str, dict], dict]:
@@ -262,7 +263,8 @@ def fit_worker(job: GuideJob) -> dict:
                           scales, job.targets)
         preview = lambda loop: grid(loop.trained("guide"))  # noqa: E731
     bs, seed = job.train_cfg.batch_size, job.train_cfg.seed
-    figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world), preview=preview)
+    streams = job.train_cfg.data_streams
+    figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world, streams), preview=preview)
     loop.save_trained("guide")
     return {**figures, "steps": loop.step, "workers": world}
 

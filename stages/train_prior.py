@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from muse.artifacts.store import Artifact
-from muse.config import ConfigError, PipelineConfig, TextEncoderConfig, TrainConfig
+from muse.config import ConfigError, PipelineConfig, TextEncoderConfig, TrainConfig, data_parallel_versioned
 from muse.contracts import TokensSchema
 from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.distributed import fit, rank_world, worker_device
@@ -43,8 +43,8 @@ def enabled(config: PipelineConfig) -> bool:
 
 def config_of(config: PipelineConfig) -> dict:
     c = config.train_prior
-    return c.model_dump(mode="json", exclude={"enabled", "train", "workers"}) | {"train": c.train.versioned(),
-                                                                                "workers": c.workers.versioned()}
+    return c.model_dump(mode="json", exclude={"enabled", "train", "workers"}) | data_parallel_versioned(c.train,
+                                                                                                       c.workers)
 
 
 def pooled(batch: dict) -> torch.Tensor:
@@ -100,7 +100,8 @@ def fit_worker(job: PriorJob) -> dict:
     train = TokenTable(job.tokens_path, "train", COLUMNS)
     loop = TrainLoop(job.train_cfg, PriorObjective(prior), job.work_dir, "prior", device, rank=rank)
     bs, seed = job.train_cfg.batch_size, job.train_cfg.seed
-    figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world))
+    streams = job.train_cfg.data_streams
+    figures = loop.run(lambda position: token_batches(train, bs, seed, position, rank, world, streams))
     loop.save_trained("prior")
     return {**figures, "steps": loop.step, "workers": world}
 

@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact
-from muse.config import ConfigError, PipelineConfig, TrainConfig, VQLossConfig, VQModelConfig, WorkersConfig
+from muse.config import (ConfigError, PipelineConfig, TrainConfig, VQLossConfig, VQModelConfig, WorkersConfig,
+                         data_parallel_versioned)
 from muse.datasets.decode import image_decoder, scene_decoder
 from muse.datasets.labels import build_label_space, palette
 from muse.datasets.segments import details as scene_details
@@ -70,11 +71,11 @@ def outputs(config: PipelineConfig, input_versions: dict[str, str]) -> dict[str,
 
     image = {"shards": input_versions["shards"]}
     specs = {kind: OutputSpec({"tokenizer": getattr(c, name).versioned(), "loss": c.loss.model_dump(mode="json"),
-                               "train": c.train_for(name).versioned(), "workers": c.workers.versioned()},
+                               **data_parallel_versioned(c.train_for(name), c.workers)},
                               inputs(name, image))
              for kind, name in (("vqgan-low", "low"), ("vqgan-high", "high"))}
-    specs["vqseg"] = OutputSpec({"tokenizer": c.seg.versioned(), "train": c.train_for("seg").versioned(),
-                                 "workers": c.workers.versioned(),
+    specs["vqseg"] = OutputSpec({"tokenizer": c.seg.versioned(),
+                                 **data_parallel_versioned(c.train_for("seg"), c.workers),
                                  "face_class_weight": c.face_class_weight,
                                  "dataset_classes": list(config.segment.dataset_classes)},
                                 inputs("seg", {"segments": input_versions["segments"]}))
@@ -251,7 +252,8 @@ def fit_worker(job: TokenizerJob) -> dict:
     loop = TrainLoop(job.train_cfg, objective, job.work_dir, job.kind, device, rank=rank)
     cfg = job.train_cfg
     figures = loop.run(lambda position: batches(sample_stream(job.train_files, cfg.seed, position, cfg.shuffle_buffer,
-                                                              rank, world), cfg.batch_size, job.decode))
+                                                              rank, world, cfg.data_streams), cfg.batch_size,
+                                                job.decode))
     loop.save_trained("vq")
     return {**figures, "steps": loop.step, "workers": world}
 
