@@ -91,6 +91,7 @@ def _run(job: dict) -> dict:
             "weights": [p.detach().flatten().tolist() for p in objective.model.parameters()]}
 
 
+@pytest.mark.slow  # two Ray Train runs: about a minute on 2 cores
 def test_a_two_worker_checkpoint_resumes_on_one_worker_as_a_one_worker_run(ray_local, tmp_path):
     files = _tars(tmp_path / "tars")
     straight = _run({"files": files, "streams": 2, "work": tmp_path / "straight", "max_steps": None})
