@@ -13,7 +13,7 @@ them in turn (`rank_share`), so a step's samples do not depend on the worker cou
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -23,23 +23,24 @@ from muse.datasets.tars import iter_tar
 T = TypeVar("T")
 
 
-def rank_share(make: Callable[[int, int], Iterator[T]], start: int, rank: int, world: int,
-               streams: int) -> Iterator[T]:
-    """This rank's share of `streams` disjoint streams: streams rank, rank + world, ..., one item of each in
-    turn, so every k * n consecutive items (k streams) hold n of each. `make(stream, skip)` opens one stream
-    past its first `skip` items; `start` items of the share were consumed, start / k of each stream."""
+def rank_share(make: Callable[[int, int, int], Iterator[T]], start: int, rank: int, world: int,
+               streams: int | None) -> Iterator[T]:
+    """This rank's share of `streams` disjoint streams (None: one per rank): streams rank, rank + world, ...,
+    one item of each in turn, so every k * n consecutive items (k streams) hold n of each. `make(stream,
+    streams, skip)` opens one of them past its first `skip` items; `start` items of the share were consumed,
+    start / k of each stream."""
+    streams = streams or world
     if streams % world:
         raise ValueError(f"{streams} data streams cannot be split evenly over {world} workers")
     mine = range(rank, streams, world)
     if start % len(mine):
         raise ValueError(f"position {start} is not a whole number of rounds over {len(mine)} streams")
     if len(mine) == 1:
-        return make(rank, start)
-    return _round_robin([make(d, start // len(mine)) for d in mine])
+        return make(rank, streams, start)
+    return _round_robin([make(d, streams, start // len(mine)) for d in mine])
 
 
-def _round_robin(iterators: Iterable[Iterator[T]]) -> Iterator[T]:
-    iterators = list(iterators)
+def _round_robin(iterators: list[Iterator[T]]) -> Iterator[T]:
     while True:
         for it in iterators:
             yield next(it)
@@ -51,8 +52,8 @@ def sample_stream(
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Endless shuffled stream of raw samples, skipping the first `start` (already consumed); `streams`: split
     the tars into that many streams instead of one per rank (`rank_share`)."""
-    return rank_share(lambda stream, skip: _tar_stream(files, seed, skip, buffer, stream, streams or world),
-                      start, rank, world, streams or world)
+    return rank_share(lambda stream, total, skip: _tar_stream(files, seed, skip, buffer, stream, total),
+                      start, rank, world, streams)
 
 
 def _tar_stream(files: list[Path], seed: int, start: int, buffer: int, rank: int,

@@ -137,8 +137,8 @@ class TokenTable:
                streams: int | None = None) -> Iterator[dict]:
         """Endless shuffled rows for one rank, skipping the first `start` it would have produced; `streams`:
         split the row groups into that many streams instead of one per rank (`rank_share`)."""
-        return rank_share(lambda stream, skip: self._stream(seed, skip, stream, streams or world, window),
-                          start, rank, world, streams or world)
+        return rank_share(lambda stream, total, skip: self._stream(seed, skip, stream, total, window),
+                          start, rank, world, streams)
 
     def _stream(self, seed: int, start: int, rank: int, world: int, window: int) -> Iterator[dict]:
         if len(self.groups) < world:

@@ -131,6 +131,19 @@ def test_reader_shards_disjointly_and_covers_every_row_once(pipeline_store):
     assert sorted(seen[0] + seen[1]) == sorted(table[i]["key"] for i in range(len(table)))
 
 
+def test_a_step_of_token_batches_reads_the_same_rows_on_one_or_two_workers_with_data_streams(pipeline_store):
+    _, _, arts = pipeline_store
+    table = TokenTable(arts["tokens"].path, "train", columns=["key"])
+
+    def steps(streams, world):  # the keys of each of the first 3 global steps of 4 rows, over the ranks
+        ranks = [token_batches(table, 4 // world, seed=2, rank=rank, world=world, streams=streams)
+                 for rank in range(world)]
+        return [{k for b in ranks for k in next(b)["key"]} for _ in range(3)]
+
+    assert steps(2, 1) == steps(2, 2)
+    assert steps(None, 1) != steps(None, 2)  # one stream per worker: the split follows the count
+
+
 def test_stream_is_deterministic_and_resumes_exactly(pipeline_store):
     _, _, arts = pipeline_store
     table = TokenTable(arts["tokens"].path, "train", columns=["key", "tokens_low"])
