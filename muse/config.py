@@ -203,9 +203,10 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(False, description=(
         "Recompute each transformer block's activations in backward instead of keeping them: the activations "
         "of one block instead of all, for one more forward per step; the same weights."))
-    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description=(
+    optimizer: Literal["adamw", "adamw8bit", "muon"] = Field("adamw", description=(
         "adamw: torch's AdamW (fused on a GPU); adamw8bit: bitsandbytes' AdamW with 8-bit moments, a quarter "
-        "of the optimizer state's memory (`pip install 'muse-pipeline[bnb]'`)."))
+        "of the optimizer state's memory (`pip install 'muse-pipeline[bnb]'`); muon: orthogonalised momentum on "
+        "the hidden weight matrices, AdamW on the rest, at the same lr (`muse.muon`)."))
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints in .work/.")
     log_every: int = Field(50, ge=1, description="Steps between logged figures.")
     shuffle_buffer: int = Field(256, ge=1, description="Samples in the streaming shuffle buffer.")

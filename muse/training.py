@@ -5,7 +5,7 @@ which modules, and `losses(batch, step)` returning one loss per optimizer (plus
 figures to log). The loop owns everything else, torchtitan-style, so models stay
 free of training concerns:
 
-- AdamW per optimizer, linear warmup then cosine or constant LR, grad clipping;
+- AdamW (or Muon, `muse.muon`) per optimizer, linear warmup then cosine or constant LR, grad clipping;
 - gradient accumulation; bf16 autocast on GPU, fp32 on CPU;
 - EMA copies of chosen modules;
 - checkpoints in the artifact's `.work/` dir (modules, optimizers, schedules, EMA,
@@ -44,6 +44,7 @@ from muse.config import ConfigError, TrainConfig
 from muse.progress import report
 from muse.errors import UserError
 from muse.distributed import autocast, average_gradients, broadcast_buffers, rank_world
+from muse.muon import MuonAdamW, hidden_matrices
 
 log = logging.getLogger("muse.training")
 CHECKPOINT = "checkpoint.pt"
@@ -92,8 +93,16 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over `params` (fused into one kernel on a GPU), or bitsandbytes' 8-bit AdamW."""
+def make_optimizer(cfg: TrainConfig, modules: list[nn.Module], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trained parameters of `modules` (fused into one kernel on a GPU), bitsandbytes' 8-bit
+    AdamW, or Muon on their hidden matrices (every nn.Linear but an output `head`) with AdamW on the rest."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if cfg.optimizer == "muon":
+        hidden = set().union(*(hidden_matrices(m, skip=("head",)) for m in modules))
+        groups = [{"params": [p for p in params if id(p) in hidden], "muon": True},
+                  {"params": [p for p in params if id(p) not in hidden], "muon": False}]
+        return MuonAdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
+                         weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -220,8 +229,7 @@ class TrainLoop:
         self.device = torch.device(device)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.optimizers = {
-            opt: make_optimizer(cfg, [p for m in mods for p in objective.modules[m].parameters() if p.requires_grad],
-                                self.device)
+            opt: make_optimizer(cfg, [objective.modules[m] for m in mods], self.device)
             for opt, mods in objective.optimizers.items()
         }
         self.schedules = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for k, o in self.optimizers.items()}

@@ -55,6 +55,16 @@ def _train(tmp_path, name: str, steps: int, **knobs) -> tuple[MaskedTransformer,
     return model, loop
 
 
+def _resumed_equals_whole(tmp_path, optimizer: str) -> MaskedTransformer:
+    """Interrupted at step 4 (its checkpoint), then run on: the same weights as the run never interrupted."""
+    whole, _ = _train(tmp_path, "whole", 6, optimizer=optimizer)
+    _train(tmp_path, "resumed", 4, optimizer=optimizer)
+    resumed, _ = _train(tmp_path, "resumed", 6, optimizer=optimizer)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    return whole
+
+
 def _saved_tensors(model: MaskedTransformer) -> int:
     """Tensors autograd keeps from the forward for backward."""
     count = 0
@@ -98,12 +108,7 @@ def test_adamw8bit_keeps_8_bit_moments_learns_and_resumes_exactly(tmp_path):
     assert float(_loss(model, _batch()).detach()) < before * 0.8
     state = loop.optimizers["loss"].state[model.blocks[0].mlp[0].weight]  # bitsandbytes keeps small tensors 32-bit
     assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
-    # interrupted at step 4 (its checkpoint), then run on: the same weights as the run never interrupted
-    whole, _ = _train(tmp_path, "whole", 6, optimizer="adamw8bit")
-    _train(tmp_path, "resumed", 4, optimizer="adamw8bit")
-    resumed, _ = _train(tmp_path, "resumed", 6, optimizer="adamw8bit")
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
+    whole = _resumed_equals_whole(tmp_path, "adamw8bit")
     plain, _ = _train(tmp_path, "adamw", 6)
     assert not torch.equal(plain.head.weight, whole.head.weight)  # the 8-bit moments are another optimizer
     assert "optimizer" not in TrainConfig().versioned()  # versions made before the knob stand
