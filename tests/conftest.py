@@ -11,6 +11,8 @@ from muse.stage import execute
 # Small geometry so tests run in seconds: 32 px shards, 8 demo images per test unless asked otherwise.
 SMALL = [
     "train_vqgan.low.resolution=32",
+    "train_vqgan.low.ch=16",
+    "train_vqgan.low.ch_mult=[1, 2, 4, 4]",  # f8: the low-res grid as small as the high-res one (4x4)
     "train_vqgan.high.resolution=32",
     "demo.num_samples=24",
     "demo.image_size=48",

@@ -9,14 +9,14 @@ def test_presets_load_and_validate():
         cfg = load_config(name)
         assert isinstance(cfg, PipelineConfig) and cfg.preset == name
     tiny = load_config("tiny")
-    assert tiny.train_vqgan.low.token_side == 8 and tiny.train_vqgan.high.token_side == 16
+    assert tiny.train_vqgan.low.token_side == 16 and tiny.train_vqgan.high.token_side == 16
     big = load_config("muse-256")
     assert big.train_vqgan.low.downsample == 16 and big.train_vqgan.low.token_side == 16
     assert big.train_vqgan.high.token_side == 64 and big.train_vqgan.high.codebook_size == 8192
     for name in ("muse-256", "muse-512"):  # the transformers sample from an EMA of their weights, as aMUSEd does
         cfg = load_config(name)
         assert cfg.train_base.train.ema_decay == cfg.train_superres.train.ema_decay == 0.9999
-    assert tiny.train_base.train.ema_decay == 0  # not at the demo's 1200 steps: an EMA that long would lag
+    assert tiny.train_base.train.ema_decay == 0  # not at the demo's 2000 steps: an EMA that long would lag
 
 
 def test_overrides_are_typed_and_applied():
@@ -31,7 +31,7 @@ def test_overrides_are_typed_and_applied():
     [
         ("train_base.foo=1", "unknown key train_base.foo"),
         ("train_base.train.lr=abc", "train_base.train.lr: Input should be a valid number"),
-        ("train_vqgan.low.resolution=100", "not divisible by the downsampling factor 8"),
+        ("train_vqgan.high.resolution=100", "not divisible by the downsampling factor 8"),
         ("shard.val_fraction=1.5", "shard.val_fraction"),
         ("nosection.key=1", "unknown key nosection"),
         ("novalue", "expected section.key=value"),
