@@ -14,8 +14,10 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of the reference: fast, not exact orthogonalisation
+# Our own iteration, not torch.optim.Muon's: that one runs in bf16, which CPUs multiply far slower than fp32.
 
 
 def orthogonalised(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -65,9 +67,6 @@ class MuonAdamW(torch.optim.Optimizer):
                         state["exp_avg"] = torch.zeros_like(p)
                         state["exp_avg_sq"] = torch.zeros_like(p)
                     beta1, beta2 = group["betas"]
-                    state["step"] += 1
-                    t = float(state["step"])
-                    state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                    state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                    denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-                    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+                    adamw([p], [p.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
+                          foreach=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=0.0,
+                          eps=group["eps"], maximize=False)  # weight decay: applied above, to both kinds
