@@ -201,8 +201,9 @@ class TrainConfig(Section):
         "torch.compile the trained modules' forward (fuses the norms and pointwise ops around the matmuls). "
         "Costs a compile at the first step, so the CPU presets leave it off."))
     activation_checkpointing: bool = Field(False, description=(
-        "Recompute each transformer block's activations in backward instead of keeping them: the activations "
-        "of one block instead of all, for one more forward per step; the same weights."))
+        "Recompute each transformer block's (and each VQGAN residual or attention block's) activations in "
+        "backward instead of keeping them: the activations of one block instead of all, for one more forward "
+        "per step; the same weights."))
     optimizer: Literal["adamw", "adamw8bit", "muon"] = Field("adamw", description=(
         "adamw: torch's AdamW (fused on a GPU); adamw8bit: bitsandbytes' AdamW with 8-bit moments, a quarter "
         "of the optimizer state's memory (`pip install 'muse-pipeline[bnb]'`); muon: orthogonalised momentum on "

@@ -114,16 +114,15 @@ def make_optimizer(cfg: TrainConfig, modules: list[nn.Module], device: torch.dev
 
 
 def checkpoint_blocks(module: nn.Module) -> int:
-    """Activation checkpointing from outside the model: every block of every `blocks` list in `module` recomputes
-    its activations in backward (its state-dict keys stay as they are); returns how many blocks."""
-    count = 0
-    for m in module.modules():
-        blocks = getattr(m, "blocks", None)
-        if isinstance(blocks, nn.ModuleList):
-            for block in blocks:
-                block.forward = functools.partial(_checkpointed, block.forward)
-                count += 1
-    return count
+    """Activation checkpointing from outside the model: every block of every `blocks` list in `module` (a
+    transformer's layers) and every module marked `checkpoint_unit` (a conv net's residual and attention blocks)
+    recomputes its activations in backward (its state-dict keys stay as they are); returns how many units."""
+    units = {id(b): b for m in module.modules() if isinstance(getattr(m, "blocks", None), nn.ModuleList)
+             for b in m.blocks}
+    units |= {id(m): m for m in module.modules() if getattr(m, "checkpoint_unit", False)}
+    for unit in units.values():
+        unit.forward = functools.partial(_checkpointed, unit.forward)
+    return len(units)
 
 
 def _checkpointed(forward: Callable, *args, **kwargs):

@@ -113,3 +113,44 @@ def test_adamw8bit_keeps_8_bit_moments_learns_and_resumes_exactly(tmp_path):
     assert not torch.equal(plain.head.weight, whole.head.weight)  # the 8-bit moments are another optimizer
     assert "optimizer" not in TrainConfig().versioned()  # versions made before the knob stand
     assert TrainConfig(optimizer="adamw8bit").versioned()["optimizer"] == "adamw8bit"
+
+
+def test_vqgan_checkpointing_recomputes_conv_blocks_for_the_same_gradients():
+    """The tokenizers' and decoder's ResBlocks and attention are checkpointed too, the GAN's adaptive weight (a
+    gradient through the decoder's last layer) included."""
+    from muse.config import VQLossConfig, VQModelConfig
+    from muse.models.vqgan import VQModel
+    from muse.stages.train_vqgan import ImageObjective
+
+    from muse.models.vqgan import AttnBlock, ResBlock
+
+    cfg = VQModelConfig(resolution=32, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
+                        codebook_size=16, code_dim=4)
+    loss = VQLossConfig(disc_start=0, disc_weight=0.5, disc_layers=2, disc_ch=8)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def gradients(checkpointed: bool) -> tuple[dict[str, torch.Tensor], int, int]:
+        with seeded(0):
+            objective = ImageObjective(VQModel(cfg), loss, None)
+        units = checkpoint_blocks(objective.model) if checkpointed else 0
+        kept = 0
+
+        def pack(t):
+            nonlocal kept
+            kept += 1
+            return t
+
+        with seeded(1), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            total = objective.losses(x, 0)["gen"]
+        total.backward()
+        return {n: p.grad for n, p in objective.model.named_parameters() if p.grad is not None}, kept, units
+
+    plain, kept_plain, _ = gradients(False)
+    checkpointed, kept_checkpointed, units = gradients(True)
+    with seeded(0):
+        blocks = [m for m in VQModel(cfg).modules() if isinstance(m, (ResBlock, AttnBlock))]
+    assert units == len(blocks) > 0 and any(isinstance(b, AttnBlock) for b in blocks)
+    assert kept_checkpointed < kept_plain / 2, (kept_checkpointed, kept_plain)
+    assert plain.keys() == checkpointed.keys()
+    for name, g in plain.items():
+        assert torch.allclose(g, checkpointed[name], atol=1e-5), name

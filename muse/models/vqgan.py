@@ -30,6 +30,8 @@ def norm(channels: int) -> nn.GroupNorm:
 class ResBlock(nn.Module):
     """GN-SiLU-conv twice, plus the input (projected when the width changes)."""
 
+    checkpoint_unit = True  # recomputed in backward under train.activation_checkpointing
+
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.block = nn.Sequential(
@@ -44,6 +46,8 @@ class ResBlock(nn.Module):
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions of a feature map."""
+
+    checkpoint_unit = True  # recomputed in backward under train.activation_checkpointing
 
     def __init__(self, channels: int):
         super().__init__()

@@ -19,6 +19,8 @@ from muse.config import VQModelConfig
 class PlainResBlock(nn.Module):
     """SiLU-3x3 conv-SiLU-1x1 conv, plus the input (VQ-VAE's residual unit)."""
 
+    checkpoint_unit = True  # recomputed in backward under train.activation_checkpointing
+
     def __init__(self, channels: int):
         super().__init__()
         self.block = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
