@@ -23,12 +23,12 @@ from timing import device_and_autocast, seconds_per_call
 
 from muse.config import TrainConfig, VQLossConfig, load_config
 from muse.contracts import TokenGeometry
-from muse.models.vqgan import LatentDecoder, VQModel
-from muse.errors import UserError
 from muse.distributed import autocast
+from muse.errors import UserError
+from muse.models.transformer import MaskedTransformer
+from muse.models.vqgan import LatentDecoder, VQModel
 from muse.training import checkpoint_blocks, make_optimizer
 from muse.transformer_training import CaptionMemory, MaskedObjective, transformer_spec
-from muse.models.transformer import MaskedTransformer
 
 T5_XXL_WIDTH = 4096
 KNOBS = {"plain": {}, "checkpointed": {"activation_checkpointing": True}, "adamw8bit": {"optimizer": "adamw8bit"}}
@@ -100,7 +100,6 @@ def measure(config, row: str, knob: str, steps: int, scale: float, device) -> st
                   for k, mods in objective.optimizers.items()}
     batch = make_batch(scale)
     size = len(batch) if isinstance(batch, torch.Tensor) else len(next(iter(batch.values())))
-
     params = {k: [p for m in mods for p in objective.modules[m].parameters() if p.requires_grad]
               for k, mods in objective.optimizers.items()}
 
@@ -118,8 +117,8 @@ def measure(config, row: str, knob: str, steps: int, scale: float, device) -> st
         torch.cuda.reset_peak_memory_stats()
     seconds = seconds_per_call(step, steps, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    params = sum(p.numel() for m in objective.modules.values() for p in m.parameters()) / 1e6
-    return f"{row:10s} {knob:12s} batch {size:4d} ({params:7.1f}M params): {size / seconds:8.1f} samples/s, " \
+    millions = sum(p.numel() for m in objective.modules.values() for p in m.parameters()) / 1e6
+    return f"{row:10s} {knob:12s} batch {size:4d} ({millions:7.1f}M params): {size / seconds:8.1f} samples/s, " \
            f"peak {peak:6.1f} GiB"
 
 
