@@ -5,7 +5,8 @@ memory knob (`train.activation_checkpointing`, `train.optimizer`).
 
 Each row runs full optimizer steps as `muse.training.TrainLoop` does: the stage's own objective, the
 optimizer from `make_optimizer`, `checkpoint_blocks` when checkpointing is on, bf16 autocast on a GPU,
-eager (the presets compile the transformers, which lowers their memory further). The tokenizers and the
+eager (the presets compile the transformers, which lowers their memory further), without the EMA copy a
+preset with `ema_decay` also holds (4 bytes per parameter). The tokenizers and the
 decoder run their reconstruction, codebook and PatchGAN losses (the GAN on, as after `disc_start`; LPIPS
 off, its VGG weights are a download). The transformers read random tokens and T5-XXL-wide (4096) caption
 embeddings of the preset's caption length. `--batch-scale 2` doubles every micro-batch (what checkpointing

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from muse.config import TrainConfig
+from muse.config import TrainConfig, VQLossConfig, VQModelConfig
 from muse.models.transformer import MaskedTransformer, TransformerSpec
+from muse.models.vqgan import AttnBlock, ResBlock, VQModel
+from muse.stages.train_vqgan import ImageObjective
 from muse.training import TrainLoop, checkpoint_blocks, seeded
 
 SPEC = TransformerSpec(dim=32, depth=3, heads=4, codebook_size=16, side=4, text_dim=8)
@@ -65,8 +69,8 @@ def _resumed_equals_whole(tmp_path, optimizer: str) -> MaskedTransformer:
     return whole
 
 
-def _saved_tensors(model: MaskedTransformer) -> int:
-    """Tensors autograd keeps from the forward for backward."""
+def _saved_tensors(forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """forward()'s output and how many tensors autograd keeps from it for backward."""
     count = 0
 
     def pack(t):
@@ -75,15 +79,16 @@ def _saved_tensors(model: MaskedTransformer) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _loss(model, _batch())
-    return count
+        out = forward()
+    return out, count
 
 
 def test_activation_checkpointing_keeps_fewer_activations_for_the_same_gradients():
     plain, checkpointed = _model(), _model()
     assert checkpoint_blocks(checkpointed) == SPEC.depth
     assert plain.state_dict().keys() == checkpointed.state_dict().keys()
-    kept_plain, kept_checkpointed = _saved_tensors(plain), _saved_tensors(checkpointed)
+    _, kept_plain = _saved_tensors(lambda: _loss(plain, _batch()))
+    _, kept_checkpointed = _saved_tensors(lambda: _loss(checkpointed, _batch()))
     assert kept_checkpointed < kept_plain / 2, (kept_checkpointed, kept_plain)
     _loss(plain, _batch()).backward()
     _loss(checkpointed, _batch()).backward()
@@ -118,12 +123,6 @@ def test_adamw8bit_keeps_8_bit_moments_learns_and_resumes_exactly(tmp_path):
 def test_vqgan_checkpointing_recomputes_conv_blocks_for_the_same_gradients():
     """The tokenizers' and decoder's ResBlocks and attention are checkpointed too, the GAN's adaptive weight (a
     gradient through the decoder's last layer) included."""
-    from muse.config import VQLossConfig, VQModelConfig
-    from muse.models.vqgan import VQModel
-    from muse.stages.train_vqgan import ImageObjective
-
-    from muse.models.vqgan import AttnBlock, ResBlock
-
     cfg = VQModelConfig(resolution=32, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
                         codebook_size=16, code_dim=4)
     loss = VQLossConfig(disc_start=0, disc_weight=0.5, disc_layers=2, disc_ch=8)
@@ -133,15 +132,8 @@ def test_vqgan_checkpointing_recomputes_conv_blocks_for_the_same_gradients():
         with seeded(0):
             objective = ImageObjective(VQModel(cfg), loss, None)
         units = checkpoint_blocks(objective.model) if checkpointed else 0
-        kept = 0
-
-        def pack(t):
-            nonlocal kept
-            kept += 1
-            return t
-
-        with seeded(1), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            total = objective.losses(x, 0)["gen"]
+        with seeded(1):
+            total, kept = _saved_tensors(lambda: objective.losses(x, 0)["gen"])
         total.backward()
         return {n: p.grad for n, p in objective.model.named_parameters() if p.grad is not None}, kept, units
 
