@@ -479,6 +479,9 @@ class MaskedTransformerStageConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
     text_drop_rate: float = Field(0.1, ge=0, le=1, description="Fraction of samples trained without text (CFG).")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the masked-token cross-entropy.")
+    edge_weight: float = Field(1.0, ge=1, description=(
+        "Loss weight of the tokens on a colour edge of their decoded grid (the outlines; `muse.edge_weights`) "
+        "against 1 for the rest; 1 = every token alike. Needs the target tokens' tokenizer in the store."))
     scene_conditioning: bool = Field(False, description="Add the scene tokens (seg_tokens) to the memory.")
     scene_drop_rate: float = Field(0.5, ge=0, le=1, description="With scene conditioning: fraction of samples "
                                    "trained without scene tokens, so the model also generates from text alone.")

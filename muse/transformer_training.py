@@ -2,8 +2,9 @@
 
 The objective masks a random fraction r ~ arccos of the target tokens per sample, drops the
 text (hides it in the memory) for `text_drop_rate` of samples, and takes cross-entropy on
-the masked positions only. It logs accuracy on masked tokens and the loss per mask-rate
-bucket (low / mid / high r), the figures that say whether the model learns to fill in.
+the masked positions only (with `edge_weight`, a weighted mean in which outline tokens count
+more). It logs accuracy on masked tokens and the loss per mask-rate bucket (low / mid / high
+r), the figures that say whether the model learns to fill in.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from muse.config import (
 from muse.contracts import TokenGeometry, TokensSchema, TransformerRecord
 from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.distributed import fit, rank_world, worker_device, wrap_ddp
+from muse.edge_weights import EdgeWeights
 from muse.lora import apply_lora, load_trained, save_adapter
 from muse.masking import mask_tokens, sample_mask_rate
 from muse.micro_conditions import medians
 from muse.micro_conditions import of_batch as micro_of
 from muse.models.transformer import MaskedTransformer, TransformerSpec, save_transformer
+from muse.models.vqgan import from_pretrained
 from muse.sample_grid import SampleGrid
 from muse.stage import OutputSpec, StageContext
 from muse.training import TrainLoop, WorkerJob, seeded
@@ -85,8 +88,9 @@ class MaskedObjective:
 
     def __init__(self, model: MaskedTransformer, target: str, text: CaptionMemory, text_drop_rate: float,
                  label_smoothing: float, cond: str | None, scene_drop_rate: float = 0.0, seed: int = 0,
-                 image_drop_rate: float = 0.0):
+                 image_drop_rate: float = 0.0, edge_weights: EdgeWeights | None = None):
         self.model, self.target, self.text, self.cond = model, target, text, cond
+        self.edge_weights = edge_weights  # per-token loss weights of the target grids; None = all 1
         self.generator = torch.Generator().manual_seed(seed)  # masks and dropout: this stage's own stream
         self.text_drop_rate, self.label_smoothing = text_drop_rate, label_smoothing
         self.scene_drop_rate, self.image_drop_rate = scene_drop_rate, image_drop_rate
@@ -125,7 +129,8 @@ class MaskedObjective:
             (1 if spec.image_dim else 0)
         per_token = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none",
                                     label_smoothing=self.label_smoothing)
-        loss = (per_token * mask).sum() / mask.sum()
+        weights = mask.float() if self.edge_weights is None else mask * self.edge_weights(tokens)
+        loss = (per_token * weights).sum() / weights.sum()
         with torch.no_grad():
             acc = ((logits.argmax(-1) == tokens) & mask).sum() / mask.sum()
             per_sample = (per_token * mask).sum(1) / mask.sum(1)
@@ -186,6 +191,7 @@ class TransformerJob(WorkerJob):
     tokenizer_path: Path | None  # decodes the sample grids written at checkpoints; None = no grids
     sampler: SamplerConfig  # this model's sampling pass: the sample grids, and the default recorded for generation
     init_weights: Path | None = None  # warm start: the weights training begins from; None = random
+    edge_weight: float = 1.0  # loss weight of outline tokens (decoded by tokenizer_path); 1 = none
     lora: LoraConfig | None = None  # train adapters on the init weights, the rest frozen; None = every weight
 
 
@@ -200,8 +206,11 @@ def fit_worker(job: TransformerJob) -> dict:
     if job.lora is not None:
         apply_lora(model, job.lora)
     text = CaptionMemory(job.text_cfg, job.precomputed_text, device)
+    edges = None
+    if job.edge_weight != 1:
+        edges = EdgeWeights(from_pretrained(job.tokenizer_path).to(device), job.edge_weight)
     objective = MaskedObjective(model, job.target, text, job.text_drop_rate, job.label_smoothing, job.cond,
-                                job.scene_drop_rate, job.train_cfg.seed, job.image_drop_rate)
+                                job.scene_drop_rate, job.train_cfg.seed, job.image_drop_rate, edges)
     train = TokenTable(job.tokens_path, "train", job.columns)
     loop = TrainLoop(job.train_cfg, objective, job.work_dir, job.kind, device, rank=rank)
     if rank == 0:
@@ -311,12 +320,16 @@ def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: st
     try:
         tokenizer_path = ctx.store.resolve(geometry[target].tokenizer).path
     except MissingArtifact:  # tokens copied from another store: train without sample grids
+        if settings.edge_weight != 1:
+            raise ConfigError(f"{section}.edge_weight needs the tokenizer of {tokens.ref}'s {target}, "
+                              f"{geometry[target].tokenizer}, which is not in this store") from None
         log.warning("%s: no sample grids: tokenizer %s is not in this store", kind, geometry[target].tokenizer)
         tokenizer_path = None
     job = TransformerJob(kind, spec, train_cfg, text_cfg, precomputed, tokens.path, columns, target, cond,
                          settings.text_drop_rate, settings.label_smoothing, settings.scene_drop_rate,
                          settings.image_drop_rate, work_dir,
-                         tokenizer_path, sampler, warm_start(ctx, section, kind, spec), settings.lora)
+                         tokenizer_path, sampler, warm_start(ctx, section, kind, spec), lora=settings.lora,
+                         edge_weight=settings.edge_weight)
     figures = fit(fit_worker, job, settings.workers, ctx.config.ray, work_dir)
     trained = MaskedTransformer(spec)
     if settings.lora is not None:

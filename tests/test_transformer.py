@@ -38,6 +38,26 @@ def test_mask_tokens_masks_ceil_r_n_positions():
     assert torch.equal(masked[~mask], tokens[~mask]) and (masked[mask] == 99).all()
 
 
+def _text(batch):
+    """A caption memory of the batch's own embeddings, every position visible."""
+    return batch["text_emb"], torch.ones(batch["text_emb"].shape[:2], dtype=torch.bool)
+
+
+def _logit_grads(model, objective, rows: int) -> torch.Tensor:
+    """[rows, 16] |d loss / d logits| summed over the codebook, for one batch of random 4x4 grids (0 where a
+    token was not masked)."""
+    outputs = {}
+
+    def keep_logits(module, inputs, output):
+        output.retain_grad()
+        outputs["logits"] = output
+
+    model.head.register_forward_hook(keep_logits)
+    batch = {"tokens_low": torch.randint(0, 16, (rows, 16)), "text_emb": torch.randn(rows, 3, 8)}
+    objective.losses(batch, 0)["loss"].backward()
+    return outputs["logits"].grad.abs().sum(-1)
+
+
 def test_loss_only_on_masked_positions_and_text_drop_rate():
     from muse.transformer_training import MaskedObjective
 
@@ -51,23 +71,31 @@ def test_loss_only_on_masked_positions_and_text_drop_rate():
         return original_memory(emb, mask, *args)
 
     model.memory = memory
-    outputs = {}
-
-    def keep_logits(module, inputs, output):
-        output.retain_grad()
-        outputs["logits"] = output
-
-    model.head.register_forward_hook(keep_logits)
-    text = lambda batch: (batch["text_emb"], torch.ones(batch["text_emb"].shape[:2], dtype=torch.bool))  # noqa: E731
-    objective = MaskedObjective(model, "tokens_low", text, text_drop_rate=0.3, label_smoothing=0.0, cond=None)
-    batch = {"tokens_low": torch.randint(0, 16, (4000, 16)), "text_emb": torch.randn(4000, 3, 8)}
-    out = objective.losses(batch, 0)
-    out["loss"].backward()
-    grad_per_position = outputs["logits"].grad.abs().sum(-1)
+    grad_per_position = _logit_grads(model, MaskedObjective(model, "tokens_low", _text, text_drop_rate=0.3,
+                                                            label_smoothing=0.0, cond=None), 4000)
     masked = grad_per_position > 0
     counts = masked.sum(1).float()
     assert 0 < counts.min() and counts.mean() == pytest.approx(16 * 2 / math.pi, rel=0.05)  # ~ceil(r n), r~arccos
     assert float(1 - seen["text_visible"].float().mean()) == pytest.approx(0.3, abs=0.03)
+
+
+def test_the_loss_weighs_each_masked_token_by_its_edge_weight():
+    """With weights w per token (`edge_weight`) the masked-token loss is their weighted mean, so the gradient
+    each masked position's logits get scales with w (here 5 on half the grid against 1); without, alike."""
+    from muse.transformer_training import MaskedObjective
+
+    heavy = torch.zeros(16, dtype=torch.bool)
+    heavy[:8] = True
+
+    def ratio(edge_weights) -> float:
+        torch.manual_seed(0)
+        model = MaskedTransformer(SPEC)
+        grad = _logit_grads(model, MaskedObjective(model, "tokens_low", _text, text_drop_rate=0.0,
+                                                   label_smoothing=0.0, cond=None, edge_weights=edge_weights), 2000)
+        return float(grad[:, heavy][grad[:, heavy] > 0].mean() / grad[:, ~heavy][grad[:, ~heavy] > 0].mean())
+
+    assert ratio(lambda tokens: 1 + 4 * heavy.expand_as(tokens).float()) == pytest.approx(5, rel=0.1)
+    assert ratio(None) == pytest.approx(1, rel=0.1)
 
 
 def test_superres_uses_its_low_res_condition():
