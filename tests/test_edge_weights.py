@@ -10,6 +10,7 @@ import torch
 
 from muse.datasets.demo import make_sample
 from muse.edge_weights import edge_tokens
+from muse.generate import pil_to_tensor
 
 SIDE, PATCH = 16, 2  # the tiny preset's low-res grid: 2x2-pixel tokens at 32 px
 
@@ -17,8 +18,7 @@ SIDE, PATCH = 16, 2  # the tiny preset's low-res grid: 2x2-pixel tokens at 32 px
 def _demo(index: int) -> tuple[torch.Tensor, np.ndarray]:
     """A demo image drawn at 32 px as [1, 3, 32, 32] in [-1, 1], and its segment-id map."""
     s = make_sample(index, SIDE * PATCH, seed=0)
-    image = torch.from_numpy(np.asarray(s.image.convert("RGB")).copy()).permute(2, 0, 1).float().div(127.5).sub(1)
-    return image[None], np.asarray(s.panoptic)[:, :, 0]
+    return pil_to_tensor(s.image)[None], np.asarray(s.panoptic)[:, :, 0]
 
 
 def test_edge_tokens_are_the_outlines_of_demo_shapes_and_none_on_flat_colour():
