@@ -482,6 +482,10 @@ class MaskedTransformerStageConfig(Section):
     edge_weight: float = Field(1.0, ge=1, description=(
         "Loss weight of the tokens on a colour edge of their decoded grid (the outlines; `muse.edge_weights`) "
         "against 1 for the rest; 1 = every token alike. Needs the target tokens' tokenizer in the store."))
+    code_smoothing: float = Field(0.0, ge=0, le=1, description=(
+        "Share of each masked token's target spread over the codes nearest its own in the tokenizer's latent "
+        "space (`muse.code_smoothing`), since near codes decode to near pixels; 0 = one-hot targets. Needs the "
+        "target tokens' tokenizer in the store."))
     scene_conditioning: bool = Field(False, description="Add the scene tokens (seg_tokens) to the memory.")
     scene_drop_rate: float = Field(0.5, ge=0, le=1, description="With scene conditioning: fraction of samples "
                                    "trained without scene tokens, so the model also generates from text alone.")

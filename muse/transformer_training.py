@@ -3,7 +3,7 @@
 The objective masks a random fraction r ~ arccos of the target tokens per sample, drops the
 text (hides it in the memory) for `text_drop_rate` of samples, and takes cross-entropy on
 the masked positions only (with `edge_weight`, a weighted mean in which outline tokens count
-more). It logs accuracy on masked tokens and the loss per mask-rate bucket (low / mid / high
+more; with `code_smoothing`, against targets spread over nearby codes). It logs accuracy on masked tokens and the loss per mask-rate bucket (low / mid / high
 r), the figures that say whether the model learns to fill in.
 """
 
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from muse.artifacts.store import Artifact, MissingArtifact
+from muse.artifacts.store import Artifact, ArtifactStore, MissingArtifact
+from muse.code_smoothing import CodeSmoothing
 from muse.config import (
     ConfigError,
     LoraConfig,
@@ -88,9 +89,11 @@ class MaskedObjective:
 
     def __init__(self, model: MaskedTransformer, target: str, text: CaptionMemory, text_drop_rate: float,
                  label_smoothing: float, cond: str | None, scene_drop_rate: float = 0.0, seed: int = 0,
-                 image_drop_rate: float = 0.0, edge_weights: EdgeWeights | None = None):
+                 image_drop_rate: float = 0.0, edge_weights: EdgeWeights | None = None,
+                 code_smoothing: CodeSmoothing | None = None):
         self.model, self.target, self.text, self.cond = model, target, text, cond
         self.edge_weights = edge_weights  # per-token loss weights of the target grids; None = all 1
+        self.code_smoothing = code_smoothing  # targets spread over nearby codes; None = one-hot
         self.generator = torch.Generator().manual_seed(seed)  # masks and dropout: this stage's own stream
         self.text_drop_rate, self.label_smoothing = text_drop_rate, label_smoothing
         self.scene_drop_rate, self.image_drop_rate = scene_drop_rate, image_drop_rate
@@ -127,8 +130,11 @@ class MaskedObjective:
         self.memory_len = 1 + emb.shape[1] + (spec.cond_side ** 2 if self.cond else 0) + \
             (spec.scene_side ** 2 if scene is not None else 0) + (1 if spec.global_width else 0) + \
             (1 if spec.image_dim else 0)
-        per_token = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none",
-                                    label_smoothing=self.label_smoothing)
+        if self.code_smoothing is None:
+            per_token = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none",
+                                        label_smoothing=self.label_smoothing)
+        else:
+            per_token = self.code_smoothing(logits, tokens, self.label_smoothing)
         weights = mask.float() if self.edge_weights is None else mask * self.edge_weights(tokens)
         loss = (per_token * weights).sum() / weights.sum()
         with torch.no_grad():
@@ -192,6 +198,7 @@ class TransformerJob(WorkerJob):
     sampler: SamplerConfig  # this model's sampling pass: the sample grids, and the default recorded for generation
     init_weights: Path | None = None  # warm start: the weights training begins from; None = random
     edge_weight: float = 1.0  # loss weight of outline tokens (decoded by tokenizer_path); 1 = none
+    code_smoothing: float = 0.0  # target share on the codes near each target in tokenizer_path's latents
     lora: LoraConfig | None = None  # train adapters on the init weights, the rest frozen; None = every weight
 
 
@@ -209,8 +216,11 @@ def fit_worker(job: TransformerJob) -> dict:
     edges = None
     if job.edge_weight != 1:
         edges = EdgeWeights(from_pretrained(job.tokenizer_path).to(device), job.edge_weight)
+    smoothing = None
+    if job.code_smoothing:
+        smoothing = CodeSmoothing(from_pretrained(job.tokenizer_path).to(device), job.code_smoothing)
     objective = MaskedObjective(model, job.target, text, job.text_drop_rate, job.label_smoothing, job.cond,
-                                job.scene_drop_rate, job.train_cfg.seed, job.image_drop_rate, edges)
+                                job.scene_drop_rate, job.train_cfg.seed, job.image_drop_rate, edges, smoothing)
     train = TokenTable(job.tokens_path, "train", job.columns)
     loop = TrainLoop(job.train_cfg, objective, job.work_dir, job.kind, device, rank=rank)
     if rank == 0:
@@ -283,6 +293,17 @@ def warm_start(ctx: StageContext, section: str, kind: str, spec: TransformerSpec
     return path
 
 
+def target_tokenizer(store: ArtifactStore, tokens: Artifact, ref: str) -> Artifact | None:
+    """The tokenizer that wrote a tokens column: from this store, else from the store the tokens artifact was read
+    from (a stage given another store's tokens); None when neither holds it."""
+    for where in (store, ArtifactStore(tokens.path.parents[1])):
+        try:
+            return where.resolve(ref)
+        except MissingArtifact:
+            continue
+    return None
+
+
 def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: str | None,
                        sampler: SamplerConfig) -> Artifact:
     """The whole of `train-base` / `train-superres`: train the stage's one output on the `target` tokens of its
@@ -317,19 +338,19 @@ def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: st
     columns = ["key", "caption", target, *([cond] if cond else []), *(["seg_tokens"] if scene else []),
                *(["text_emb", "text_len"] if precomputed else []), *(["micro_conds"] if spec.micro_conditions else []),
                *(["clip_image_emb"] if image else [])]
-    try:
-        tokenizer_path = ctx.store.resolve(geometry[target].tokenizer).path
-    except MissingArtifact:  # tokens copied from another store: train without sample grids
-        if settings.edge_weight != 1:
-            raise ConfigError(f"{section}.edge_weight needs the tokenizer of {tokens.ref}'s {target}, "
-                              f"{geometry[target].tokenizer}, which is not in this store") from None
+    tokenizer = target_tokenizer(ctx.store, tokens, geometry[target].tokenizer)
+    tokenizer_path = None if tokenizer is None else tokenizer.path
+    if tokenizer is None:  # tokens copied without it: train without sample grids
+        for knob, used in (("edge_weight", settings.edge_weight != 1), ("code_smoothing", settings.code_smoothing)):
+            if used:
+                raise ConfigError(f"{section}.{knob} needs the tokenizer of {tokens.ref}'s {target}, "
+                                  f"{geometry[target].tokenizer}, which is not in this store")
         log.warning("%s: no sample grids: tokenizer %s is not in this store", kind, geometry[target].tokenizer)
-        tokenizer_path = None
     job = TransformerJob(kind, spec, train_cfg, text_cfg, precomputed, tokens.path, columns, target, cond,
                          settings.text_drop_rate, settings.label_smoothing, settings.scene_drop_rate,
                          settings.image_drop_rate, work_dir,
                          tokenizer_path, sampler, warm_start(ctx, section, kind, spec), lora=settings.lora,
-                         edge_weight=settings.edge_weight)
+                         edge_weight=settings.edge_weight, code_smoothing=settings.code_smoothing)
     figures = fit(fit_worker, job, settings.workers, ctx.config.ray, work_dir)
     trained = MaskedTransformer(spec)
     if settings.lora is not None:

@@ -1,4 +1,5 @@
-"""Outline tokens: found from pixels on demo images; `train_base.edge_weight` needs their tokenizer."""
+"""Outline tokens: found from pixels on demo images; `train_base.edge_weight` and `code_smoothing` need their
+tokenizer."""
 
 from __future__ import annotations
 
@@ -41,9 +42,11 @@ def test_edge_tokens_are_the_outlines_of_demo_shapes_and_none_on_flat_colour():
     assert not edge_tokens(flat, SIDE).any()
 
 
-def test_train_base_with_edge_weight_needs_the_tokenizer_of_its_tokens(pipeline_store, tmp_path):
-    """`train_base.edge_weight` decodes the target grids with their tokenizer: without it in the store the stage
-    stops in one line naming the key; with it, the weight is part of the model's version."""
+@pytest.mark.parametrize("knob, value", [("edge_weight", 4.0), ("code_smoothing", 0.6)])
+def test_train_base_knobs_that_read_the_target_tokenizer_need_it(pipeline_store, tmp_path, knob, value):
+    """`train_base.edge_weight` decodes the target grids with their tokenizer and `code_smoothing` reads its
+    codebook: without it in the store the stage stops in one line naming the key; with it, the base trains and
+    the knob is part of the model's version."""
     from muse.artifacts.store import ArtifactStore
     from muse.config import ConfigError
     from muse.stage import execute
@@ -53,11 +56,14 @@ def test_train_base_with_edge_weight_needs_the_tokenizer_of_its_tokens(pipeline_
     store = ArtifactStore(tmp_path / "store")
     shutil.copytree(arts["tokens"].path, store.root / "tokens" / arts["tokens"].version)
     tokens = store.get("tokens", arts["tokens"].version)
-    weighted = cfg.model_copy(update={"train_base": cfg.train_base.model_copy(update={"edge_weight": 4.0})})
-    with pytest.raises(ConfigError, match=r"train_base.edge_weight needs the tokenizer of tokens:.*tokens_low"):
-        execute(train_base, weighted, {"tokens": tokens}, store)
+    plain_cfg = cfg.model_copy(update={"train_base": cfg.train_base.model_copy(
+        update={"edge_weight": 1.0, "code_smoothing": 0.0})})
+    changed = plain_cfg.model_copy(update={"train_base": plain_cfg.train_base.model_copy(update={knob: value})})
+    with pytest.raises(ConfigError, match=rf"train_base.{knob} needs the tokenizer of tokens:.*tokens_low"):
+        execute(train_base, changed, {"tokens": tokens}, store)
     low = arts["vqgan-low"]
     shutil.copytree(low.path, store.root / "vqgan-low" / low.version)
-    base = execute(train_base, weighted, {"tokens": tokens}, store)
-    plain = execute(train_base, cfg, {"tokens": tokens}, store)
-    assert base.manifest.config["train_base"]["edge_weight"] == 4.0 and base.version != plain.version
+    base = execute(train_base, changed, {"tokens": tokens}, store)
+    plain = execute(train_base, plain_cfg, {"tokens": tokens}, store)
+    assert base.manifest.config["train_base"][knob] == value and base.version != plain.version
+    assert base.manifest.metrics["val_masked_acc"] > 0
