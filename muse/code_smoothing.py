@@ -1,6 +1,6 @@
 """Targets spread over nearby codes (`train_base.code_smoothing`, `train_superres.code_smoothing`).
 
-A tokenizer's codes are redundant in pixels: a third of a real grid's tokens can take another
+A tokenizer's codes are redundant in pixels: many of a real grid's tokens could take another
 code and decode to the same picture, so a one-hot target asks the transformer for one arbitrary
 code among several near-equivalent ones. Code smoothing moves a share `amount` of each masked
 token's target onto the codes nearest its own in the tokenizer's quantized latent space,

@@ -3,8 +3,9 @@
 The objective masks a random fraction r ~ arccos of the target tokens per sample, drops the
 text (hides it in the memory) for `text_drop_rate` of samples, and takes cross-entropy on
 the masked positions only (with `edge_weight`, a weighted mean in which outline tokens count
-more; with `code_smoothing`, against targets spread over nearby codes). It logs accuracy on masked tokens and the loss per mask-rate bucket (low / mid / high
-r), the figures that say whether the model learns to fill in.
+more; with `code_smoothing`, against targets spread over nearby codes). It logs accuracy on
+masked tokens and the loss per mask-rate bucket (low / mid / high r), the figures that say
+whether the model learns to fill in.
 """
 
 from __future__ import annotations
@@ -213,12 +214,11 @@ def fit_worker(job: TransformerJob) -> dict:
     if job.lora is not None:
         apply_lora(model, job.lora)
     text = CaptionMemory(job.text_cfg, job.precomputed_text, device)
-    edges = None
-    if job.edge_weight != 1:
-        edges = EdgeWeights(from_pretrained(job.tokenizer_path).to(device), job.edge_weight)
-    smoothing = None
-    if job.code_smoothing:
-        smoothing = CodeSmoothing(from_pretrained(job.tokenizer_path).to(device), job.code_smoothing)
+    edges = smoothing = None
+    if job.edge_weight != 1 or job.code_smoothing:
+        tokenizer = from_pretrained(job.tokenizer_path).to(device)
+        edges = EdgeWeights(tokenizer, job.edge_weight) if job.edge_weight != 1 else None
+        smoothing = CodeSmoothing(tokenizer, job.code_smoothing) if job.code_smoothing else None
     objective = MaskedObjective(model, job.target, text, job.text_drop_rate, job.label_smoothing, job.cond,
                                 job.scene_drop_rate, job.train_cfg.seed, job.image_drop_rate, edges, smoothing)
     train = TokenTable(job.tokens_path, "train", job.columns)

@@ -49,4 +49,3 @@ def test_the_loss_is_least_for_predictions_that_favour_codes_near_the_target():
     assert p[by_distance[1]] > 0.05 and p[by_distance[1]] > p[by_distance[-1]] * 20
     assert torch.all(p[by_distance[1:]].diff() <= 1e-3)  # never more mass on a farther code
     assert smoothing.weights.sum(1).allclose(torch.ones(32))
-

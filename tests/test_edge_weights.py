@@ -45,8 +45,8 @@ def test_edge_tokens_are_the_outlines_of_demo_shapes_and_none_on_flat_colour():
 @pytest.mark.parametrize("knob, value", [("edge_weight", 4.0), ("code_smoothing", 0.6)])
 def test_train_base_knobs_that_read_the_target_tokenizer_need_it(pipeline_store, tmp_path, knob, value):
     """`train_base.edge_weight` decodes the target grids with their tokenizer and `code_smoothing` reads its
-    codebook: without it in the store the stage stops in one line naming the key; with it, the base trains and
-    the knob is part of the model's version."""
+    codebook: without it in the store the stage stops in one line naming the key; with it (in this store or the
+    one the tokens come from), the base trains and the knob is part of the model's version."""
     from muse.artifacts.store import ArtifactStore
     from muse.config import ConfigError
     from muse.stage import execute
@@ -67,3 +67,6 @@ def test_train_base_knobs_that_read_the_target_tokenizer_need_it(pipeline_store,
     plain = execute(train_base, plain_cfg, {"tokens": tokens}, store)
     assert base.manifest.config["train_base"][knob] == value and base.version != plain.version
     assert base.manifest.metrics["val_masked_acc"] > 0
+    # another store's tokens: their tokenizer is found in the store they were read from
+    elsewhere = execute(train_base, changed, {"tokens": tokens}, ArtifactStore(tmp_path / "elsewhere"))
+    assert elsewhere.manifest.config["train_base"][knob] == value
