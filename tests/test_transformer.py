@@ -22,6 +22,23 @@ def _memory(model, b=2, length=5, seed=0):
     return model.memory(torch.randn(b, length, model.spec.text_dim, generator=g), torch.ones(b, length, dtype=torch.bool))
 
 
+def _decode_recorded(model, memory, mask, cfg, seed):
+    """(decoded grids, the grid the model saw at each step) of an unguided decode."""
+    history = []
+    original = model.forward
+
+    def forward(tokens, *args, **kwargs):
+        history.append(tokens.clone())
+        return original(tokens, *args, **kwargs)
+
+    model.forward = forward
+    try:
+        out = decode(model, memory, mask, None, None, cfg, torch.Generator().manual_seed(seed))
+    finally:
+        model.forward = original
+    return out, history
+
+
 def test_mask_rate_follows_the_arccos_density():
     r = sample_mask_rate(200_000, torch.Generator().manual_seed(0))
     assert float(r.mean()) == pytest.approx(2 / math.pi, abs=0.005)
@@ -394,23 +411,36 @@ def test_halton_order_spreads_the_first_positions_and_the_sampler_keeps_them_in_
     torch.manual_seed(0)
     model = MaskedTransformer(SPEC).eval()
     memory, mask = _memory(model)
-    history = []
-    original = model.forward
-
-    def forward(tokens, *args, **kwargs):
-        history.append(tokens.clone())
-        return original(tokens, *args, **kwargs)
-
-    model.forward = forward
     cfg = SamplerConfig(steps=16, guidance_scale=0.0, order="halton")
-    out = decode(model, memory, mask, None, None, cfg, torch.Generator().manual_seed(0))
+    out, history = _decode_recorded(model, memory, mask, cfg, 0)
     assert (out < 16).all()
     unmasked = [int(((after != 16) & (before == 16))[0].nonzero()[0]) for before, after in
                 zip(history, history[1:] + [out]) if ((after != 16) & (before == 16))[0].sum() == 1]
     order = halton_order(4)
     assert [int(order[p]) for p in unmasked] == sorted(int(order[p]) for p in unmasked)
     assert len(unmasked) >= 8
-    model.forward = original
     confidence = decode(model, memory, mask, None, None, cfg.model_copy(update={"order": "confidence"}),
                         torch.Generator().manual_seed(0))
     assert not torch.equal(confidence, out)  # the negative control: the order changes what is sampled
+
+
+def test_confidence_temperature_zero_keeps_the_most_confident_tokens_first():
+    torch.manual_seed(0)
+    model = MaskedTransformer(SPEC).eval()
+    memory, mask = _memory(model)
+    with torch.no_grad():
+        all_masked = torch.full((2, 16), 16, dtype=torch.long)
+        logp = torch.log_softmax(model(all_masked, memory, mask, model.memory_kv(memory)).float(), -1)
+    top_logp = logp.max(-1).values  # temperature 0: each position's token is its argmax
+    kept = 16 - masked_after_step(0, 4, 16)
+    most_confident = [set(row.argsort(descending=True)[:kept].tolist()) for row in top_logp]
+
+    def first_step(confidence_temperature: float, seed: int) -> list[set[int]]:
+        cfg = SamplerConfig(steps=4, guidance_scale=0.0, temperature=0.0,
+                            confidence_temperature=confidence_temperature)
+        _, history = _decode_recorded(model, memory, mask, cfg, seed)
+        return [set((row != 16).nonzero()[:, 0].tolist()) for row in history[1]]
+
+    assert all(first_step(0.0, seed) == most_confident for seed in range(3))
+    # the negative control: at the default temperature the first tokens kept are close to a random pick
+    assert any(first_step(4.5, seed) != most_confident for seed in range(3))
