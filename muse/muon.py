@@ -21,16 +21,30 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of the reference: fas
 
 
 def orthogonalised(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """g [m, n] -> about U V^T of its SVD, by Newton-Schulz iterations on the smaller Gram matrix."""
+    """g [..., m, n] -> about U V^T of each matrix's SVD, by Newton-Schulz iterations on the smaller Gram matrix."""
     a, b, c = NS_COEFFICIENTS
-    x = g / (g.norm() + 1e-7)
-    tall = x.shape[0] > x.shape[1]
+    x = g / (torch.linalg.matrix_norm(g, keepdim=True) + 1e-7)
+    tall = x.shape[-2] > x.shape[-1]
     if tall:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
+    return x.mT if tall else x
+
+
+def orthogonalised_together(gs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`orthogonalised` of each matrix, the ones of one shape (up to a transpose) stacked into one batch: a
+    transformer's many small matrices then take a few batched products instead of one small product each."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, g in enumerate(gs):
+        groups.setdefault(tuple(sorted(g.shape)), []).append(i)
+    out: list[torch.Tensor] = [g for g in gs]
+    for members in groups.values():
+        wide = [gs[i].mT if gs[i].shape[0] > gs[i].shape[1] else gs[i] for i in members]
+        for i, x in zip(members, orthogonalised(torch.stack(wide))):
+            out[i] = x.mT if gs[i].shape[0] > gs[i].shape[1] else x
+    return out
 
 
 def hidden_matrices(module: nn.Module, skip: tuple[str, ...]) -> set[int]:
@@ -49,6 +63,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        muon_params, directions = [], []
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
@@ -59,8 +74,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 if group["muon"]:
                     buf = state.setdefault("momentum", torch.zeros_like(p))
                     buf.lerp_(p.grad, 1 - group["momentum"])
-                    update = orthogonalised(p.grad.lerp(buf, group["momentum"]))
-                    p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+                    muon_params.append((p, lr))
+                    directions.append(p.grad.lerp(buf, group["momentum"]))
                 else:
                     if not state:
                         state["step"] = torch.zeros((), dtype=torch.float32)
@@ -70,3 +85,5 @@ class MuonAdamW(torch.optim.Optimizer):
                     adamw([p], [p.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
                           foreach=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=0.0,
                           eps=group["eps"], maximize=False)  # weight decay: applied above, to both kinds
+        for (p, lr), update in zip(muon_params, orthogonalised_together(directions)):
+            p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from muse.config import TrainConfig
-from muse.muon import MuonAdamW, orthogonalised
+from muse.muon import MuonAdamW, orthogonalised, orthogonalised_together
 from tests.test_memory import _batch, _loss, _model, _resumed_equals_whole, _train
 
 
@@ -19,6 +19,20 @@ def test_orthogonalised_flattens_the_singular_values():
         assert s.min() > 0.5 and s.max() < 1.25, s
     s = torch.linalg.svdvals(grad)
     assert s.max() / s.min() > 50  # the negative control: the raw gradient is far from orthogonal
+
+
+def test_matrices_orthogonalised_together_match_one_at_a_time():
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(*shape, generator=g) for shape in ((16, 64), (64, 16), (16, 64), (32, 32), (48, 16))]
+    together = orthogonalised_together(mats)
+    for m, t in zip(mats, together):
+        assert t.shape == m.shape
+        torch.testing.assert_close(t, orthogonalised(m), atol=1e-5, rtol=1e-4)
+    # each matrix is scaled by its own norm, not its batch's: a tiny one beside a huge one still comes out orthogonal
+    huge, tiny = orthogonalised_together([mats[0] * 1e3, mats[2] * 1e-3])
+    for m in (huge, tiny):
+        s = torch.linalg.svdvals(m)
+        assert s.min() > 0.5 and s.max() < 1.25, s
 
 
 def test_hidden_matrices_take_muon_and_the_rest_adamw(tmp_path):
