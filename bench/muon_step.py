@@ -29,13 +29,17 @@ TEXT_DIM = 384  # all-MiniLM-L6-v2, the tiny preset's text encoder
 def tiny_models() -> dict[str, MaskedTransformer]:
     config = load_config("tiny", None, [])
     base, sr = config.train_base.model, config.train_superres.model
+    low, high = config.train_vqgan.low, config.train_vqgan.high
     return {
-        "base": MaskedTransformer(TransformerSpec(dim=base.dim, depth=base.depth, heads=base.heads, codebook_size=256,
-                                                  side=16, text_dim=TEXT_DIM, patch=base.patch)),
-        "superres": MaskedTransformer(TransformerSpec(dim=sr.dim, depth=sr.depth, heads=sr.heads, codebook_size=256,
-                                                      side=16, text_dim=TEXT_DIM, cond_codebook_size=256, cond_side=16,
-                                                      cond_depth=sr.cond_depth, cond_aligned=sr.cond_aligned,
-                                                      cond_upsample=sr.cond_upsample, patch=sr.patch)),
+        "base": MaskedTransformer(TransformerSpec(dim=base.dim, depth=base.depth, heads=base.heads,
+                                                  codebook_size=low.codebook_size, side=low.token_side,
+                                                  text_dim=TEXT_DIM, patch=base.patch)),
+        "superres": MaskedTransformer(TransformerSpec(dim=sr.dim, depth=sr.depth, heads=sr.heads,
+                                                      codebook_size=high.codebook_size, side=high.token_side,
+                                                      text_dim=TEXT_DIM, cond_codebook_size=low.codebook_size,
+                                                      cond_side=low.token_side, cond_depth=sr.cond_depth,
+                                                      cond_aligned=sr.cond_aligned, cond_upsample=sr.cond_upsample,
+                                                      patch=sr.patch)),
     }
 
 

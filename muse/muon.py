@@ -34,16 +34,15 @@ def orthogonalised(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 def orthogonalised_together(gs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`orthogonalised` of each matrix, the ones of one shape (up to a transpose) stacked into one batch: a
-    transformer's many small matrices then take a few batched products instead of one small product each."""
-    groups: dict[tuple[int, int], list[int]] = {}
+    """`orthogonalised` of each matrix, the ones of one shape stacked into one batch: a transformer's many
+    small matrices then take a few batched products instead of one small product each."""
+    groups: dict[torch.Size, list[int]] = {}
     for i, g in enumerate(gs):
-        groups.setdefault(tuple(sorted(g.shape)), []).append(i)
-    out: list[torch.Tensor] = [g for g in gs]
+        groups.setdefault(g.shape, []).append(i)
+    out: list[torch.Tensor] = [None] * len(gs)
     for members in groups.values():
-        wide = [gs[i].mT if gs[i].shape[0] > gs[i].shape[1] else gs[i] for i in members]
-        for i, x in zip(members, orthogonalised(torch.stack(wide))):
-            out[i] = x.mT if gs[i].shape[0] > gs[i].shape[1] else x
+        for i, x in zip(members, orthogonalised(torch.stack([gs[i] for i in members]))):
+            out[i] = x
     return out
 
 
