@@ -1,8 +1,10 @@
 """Masking for training and the schedule for sampling (MaskGIT/Muse).
 
-Training draws a mask rate r per sample from p(r) = 2/pi (1 - r^2)^(-1/2) on [0, 1): by inverse
-CDF, r = sin(pi u / 2) with u uniform, mean 2/pi = 0.64. Sampling unmasks along the same
-curve: after step t of T, a fraction cos(pi/2 (t+1)/T) of tokens is still masked.
+Training draws a mask rate r per sample, by default from p(r) = 2/pi (1 - r^2)^(-1/2) on [0, 1)
+("arccos", Muse's): by inverse CDF, r = sin(pi u / 2) with u uniform, mean 2/pi = 0.64. "uniform"
+draws r ~ U(0, 1), mean 0.5: more of the training at the mid and low rates where a grid's last
+tokens (outlines, corners) are decided. Sampling unmasks along the cosine curve either way: after
+step t of T, a fraction cos(pi/2 (t+1)/T) of tokens is still masked.
 """
 
 from __future__ import annotations
@@ -12,9 +14,17 @@ import math
 import torch
 
 
-def sample_mask_rate(batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """r ~ 2/pi (1 - r^2)^(-1/2): the arccos distribution of Muse."""
+MASK_RATES = ("arccos", "uniform")  # the distributions `sample_mask_rate` draws from; the first is Muse's
+
+
+def sample_mask_rate(batch: int, generator: torch.Generator | None = None, device=None,
+                     distribution: str = MASK_RATES[0]) -> torch.Tensor:
+    """One mask rate per sample: r ~ 2/pi (1 - r^2)^(-1/2) (Muse's "arccos") or r ~ U(0, 1) ("uniform")."""
     u = torch.rand(batch, generator=generator, device=device)
+    if distribution == "uniform":
+        return u
+    if distribution != "arccos":
+        raise ValueError(f"mask rate distribution {distribution!r}: choose from {', '.join(MASK_RATES)}")
     return torch.sin(u * math.pi / 2)
 
 

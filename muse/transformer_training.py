@@ -1,11 +1,11 @@
 """Training a masked transformer (base or super-res) on the `tokens` artifact with the shared loop.
 
-The objective masks a random fraction r ~ arccos of the target tokens per sample, drops the
-text (hides it in the memory) for `text_drop_rate` of samples, and takes cross-entropy on
-the masked positions only (with `edge_weight`, a weighted mean in which outline tokens count
-more; with `code_smoothing`, against targets spread over nearby codes). It logs accuracy on
-masked tokens and the loss per mask-rate bucket (low / mid / high r), the figures that say
-whether the model learns to fill in.
+The objective masks a random fraction r of the target tokens per sample (r ~ arccos, or uniform
+with `mask_rate`), drops the text (hides it in the memory) for `text_drop_rate` of samples, and
+takes cross-entropy on the masked positions only (with `edge_weight`, a weighted mean in which
+outline tokens count more; with `code_smoothing`, against targets spread over nearby codes). It
+logs accuracy on masked tokens and the loss per mask-rate bucket (low / mid / high r), the
+figures that say whether the model learns to fill in.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from muse.datasets.tokens import TokenTable, collate, token_batches
 from muse.distributed import fit, rank_world, worker_device, wrap_ddp
 from muse.edge_weights import EdgeWeights
 from muse.lora import apply_lora, load_trained, save_adapter
-from muse.masking import mask_tokens, sample_mask_rate
+from muse.masking import MASK_RATES, mask_tokens, sample_mask_rate
 from muse.micro_conditions import medians
 from muse.micro_conditions import of_batch as micro_of
 from muse.models.transformer import MaskedTransformer, TransformerSpec, save_transformer
@@ -91,8 +91,9 @@ class MaskedObjective:
     def __init__(self, model: MaskedTransformer, target: str, text: CaptionMemory, text_drop_rate: float,
                  label_smoothing: float, cond: str | None, scene_drop_rate: float = 0.0, seed: int = 0,
                  image_drop_rate: float = 0.0, edge_weights: EdgeWeights | None = None,
-                 code_smoothing: CodeSmoothing | None = None):
+                 code_smoothing: CodeSmoothing | None = None, mask_rate: str = MASK_RATES[0]):
         self.model, self.target, self.text, self.cond = model, target, text, cond
+        self.mask_rate = mask_rate  # the distribution each sample's mask rate is drawn from (`muse.masking`)
         self.edge_weights = edge_weights  # per-token loss weights of the target grids; None = all 1
         self.code_smoothing = code_smoothing  # targets spread over nearby codes; None = one-hot
         self.generator = torch.Generator().manual_seed(seed)  # masks and dropout: this stage's own stream
@@ -113,7 +114,8 @@ class MaskedObjective:
     def losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         tokens = batch[self.target]
         b = tokens.shape[0]
-        rate = sample_mask_rate(b, self.generator)  # on the host: the rate buckets below then need no device sync
+        # on the host: the rate buckets below then need no device sync
+        rate = sample_mask_rate(b, self.generator, distribution=self.mask_rate)
         inputs, mask = mask_tokens(tokens, rate, self.model.spec.mask_id, self.generator)
         emb, text_mask = self.text(batch)
         keep = (torch.rand(b, generator=self.generator) >= self.text_drop_rate).to(tokens.device)
@@ -200,6 +202,7 @@ class TransformerJob(WorkerJob):
     init_weights: Path | None = None  # warm start: the weights training begins from; None = random
     edge_weight: float = 1.0  # loss weight of outline tokens (decoded by tokenizer_path); 1 = none
     code_smoothing: float = 0.0  # target share on the codes near each target in tokenizer_path's latents
+    mask_rate: str = MASK_RATES[0]  # the training mask rate's distribution (`muse.masking`)
     lora: LoraConfig | None = None  # train adapters on the init weights, the rest frozen; None = every weight
 
 
@@ -220,7 +223,8 @@ def fit_worker(job: TransformerJob) -> dict:
         edges = EdgeWeights(tokenizer, job.edge_weight) if job.edge_weight != 1 else None
         smoothing = CodeSmoothing(tokenizer, job.code_smoothing) if job.code_smoothing else None
     objective = MaskedObjective(model, job.target, text, job.text_drop_rate, job.label_smoothing, job.cond,
-                                job.scene_drop_rate, job.train_cfg.seed, job.image_drop_rate, edges, smoothing)
+                                job.scene_drop_rate, job.train_cfg.seed, job.image_drop_rate, edges, smoothing,
+                                job.mask_rate)
     train = TokenTable(job.tokens_path, "train", job.columns)
     loop = TrainLoop(job.train_cfg, objective, job.work_dir, job.kind, device, rank=rank)
     if rank == 0:
@@ -350,7 +354,8 @@ def train_masked_stage(ctx: StageContext, *, section: str, target: str, cond: st
                          settings.text_drop_rate, settings.label_smoothing, settings.scene_drop_rate,
                          settings.image_drop_rate, work_dir,
                          tokenizer_path, sampler, warm_start(ctx, section, kind, spec), lora=settings.lora,
-                         edge_weight=settings.edge_weight, code_smoothing=settings.code_smoothing)
+                         edge_weight=settings.edge_weight, code_smoothing=settings.code_smoothing,
+                         mask_rate=settings.mask_rate)
     figures = fit(fit_worker, job, settings.workers, ctx.config.ray, work_dir)
     trained = MaskedTransformer(spec)
     if settings.lora is not None:

@@ -48,6 +48,33 @@ def test_mask_rate_follows_the_arccos_density():
     assert uniform.pvalue < 1e-6  # the test can tell a wrong distribution apart
 
 
+def test_uniform_mask_rate_is_uniform_and_an_unknown_name_is_refused():
+    r = sample_mask_rate(200_000, torch.Generator().manual_seed(0), distribution="uniform")
+    assert float(r.mean()) == pytest.approx(0.5, abs=0.005)
+    assert stats.kstest(r.numpy(), "uniform").pvalue > 0.01
+    arccos = sample_mask_rate(200_000, torch.Generator().manual_seed(0))
+    assert stats.kstest(arccos.numpy(), "uniform").pvalue < 1e-6  # the test can tell the default apart
+    with pytest.raises(ValueError, match="'cosine'.*arccos, uniform"):
+        sample_mask_rate(4, distribution="cosine")
+
+
+@pytest.mark.parametrize("mask_rate, mean", [("arccos", 2 / math.pi), ("uniform", 0.5)])
+def test_the_objective_masks_at_the_rates_of_its_mask_rate_knob(mask_rate, mean):
+    """The stage's knob reaches the masks the model is trained on: the masked fraction of many grids has the
+    distribution's mean (ceil(r n) of n = 64 tokens adds 1/128 on average); the two means are 0.14 apart."""
+    from muse.transformer_training import MaskedObjective
+
+    model = MaskedTransformer(TransformerSpec(dim=16, depth=1, heads=2, codebook_size=16, side=8, text_dim=8))
+    seen = []
+    original = model.forward
+    model.forward = lambda inputs, *a, **k: seen.append(inputs == model.spec.mask_id) or original(inputs, *a, **k)
+    objective = MaskedObjective(model, "tokens_low", _text, text_drop_rate=0.0, label_smoothing=0.0, cond=None,
+                                mask_rate=mask_rate)
+    with torch.no_grad():
+        objective.losses({"tokens_low": torch.randint(0, 16, (4000, 64)), "text_emb": torch.randn(4000, 3, 8)}, 0)
+    fraction = float(seen[0].float().mean())
+    assert fraction == pytest.approx(mean + 1 / 128, abs=0.015)
+
 def test_mask_tokens_masks_ceil_r_n_positions():
     tokens = torch.arange(16).repeat(3, 1)
     masked, mask = mask_tokens(tokens, torch.tensor([0.0, 0.5, 1.0]), 99, torch.Generator().manual_seed(0))
