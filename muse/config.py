@@ -486,10 +486,11 @@ class MaskedTransformerStageConfig(Section):
         "Share of each masked token's target spread over the codes nearest its own in the tokenizer's latent "
         "space (`muse.code_smoothing`), since near codes decode to near pixels; 0 = one-hot targets. Needs the "
         "target tokens' tokenizer in the store."))
-    mask_rate: Literal["arccos", "uniform"] = Field("arccos", description=(
+    mask_rate: Literal["arccos", "uniform", "beta"] = Field("arccos", description=(
         "Distribution of the per-sample mask rate in training (`muse.masking`): Muse's arccos (mean 0.64, most "
-        "samples nearly all masked) or uniform (mean 0.5: more samples with most of the grid given, where its "
-        "outlines are filled in). Sampling's schedule is the same for both."))
+        "samples nearly all masked), uniform (mean 0.5: more samples with most of the grid given, where its "
+        "outlines are filled in) or beta, Beta(2, 2) (mean 0.5, fewer grids nearly all masked or nearly all "
+        "given). Sampling's schedule is the same for all."))
     scene_conditioning: bool = Field(False, description="Add the scene tokens (seg_tokens) to the memory.")
     scene_drop_rate: float = Field(0.5, ge=0, le=1, description="With scene conditioning: fraction of samples "
                                    "trained without scene tokens, so the model also generates from text alone.")

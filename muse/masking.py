@@ -3,7 +3,8 @@
 Training draws a mask rate r per sample, by default from p(r) = 2/pi (1 - r^2)^(-1/2) on [0, 1)
 ("arccos", Muse's): by inverse CDF, r = sin(pi u / 2) with u uniform, mean 2/pi = 0.64. "uniform"
 draws r ~ U(0, 1), mean 0.5: more of the training at the mid and low rates where a grid's last
-tokens (outlines, corners) are decided. Sampling unmasks along the cosine curve either way: after
+tokens (outlines, corners) are decided; "beta" draws r ~ Beta(2, 2) (the median of three uniforms),
+mean 0.5 with a third of uniform's mass near 0 and 1. Sampling unmasks along the cosine curve either way: after
 step t of T, a fraction cos(pi/2 (t+1)/T) of tokens is still masked.
 """
 
@@ -14,12 +15,15 @@ import math
 import torch
 
 
-MASK_RATES = ("arccos", "uniform")  # the distributions `sample_mask_rate` draws from; the first is Muse's
+MASK_RATES = ("arccos", "uniform", "beta")  # the distributions `sample_mask_rate` draws from; the first is Muse's
 
 
 def sample_mask_rate(batch: int, generator: torch.Generator | None = None, device=None,
                      distribution: str = MASK_RATES[0]) -> torch.Tensor:
-    """One mask rate per sample: r ~ 2/pi (1 - r^2)^(-1/2) (Muse's "arccos") or r ~ U(0, 1) ("uniform")."""
+    """One mask rate per sample: r ~ 2/pi (1 - r^2)^(-1/2) (Muse's "arccos"), r ~ U(0, 1) ("uniform") or
+    r ~ Beta(2, 2) ("beta")."""
+    if distribution == "beta":  # the median of three uniforms is Beta(2, 2), and keeps to the generator
+        return torch.rand(batch, 3, generator=generator, device=device).median(dim=1).values
     u = torch.rand(batch, generator=generator, device=device)
     if distribution == "uniform":
         return u

@@ -48,17 +48,20 @@ def test_mask_rate_follows_the_arccos_density():
     assert uniform.pvalue < 1e-6  # the test can tell a wrong distribution apart
 
 
-def test_uniform_mask_rate_is_uniform_and_an_unknown_name_is_refused():
+def test_uniform_and_beta_mask_rates_and_an_unknown_name_is_refused():
     r = sample_mask_rate(200_000, torch.Generator().manual_seed(0), distribution="uniform")
     assert float(r.mean()) == pytest.approx(0.5, abs=0.005)
     assert stats.kstest(r.numpy(), "uniform").pvalue > 0.01
     arccos = sample_mask_rate(200_000, torch.Generator().manual_seed(0))
     assert stats.kstest(arccos.numpy(), "uniform").pvalue < 1e-6  # the test can tell the default apart
-    with pytest.raises(ValueError, match="'cosine'.*arccos, uniform"):
+    beta = sample_mask_rate(200_000, torch.Generator().manual_seed(0), distribution="beta")
+    assert stats.kstest(beta.numpy(), stats.beta(2, 2).cdf).pvalue > 0.01
+    assert stats.kstest(r.numpy(), stats.beta(2, 2).cdf).pvalue < 1e-6  # and uniform from Beta(2, 2)
+    with pytest.raises(ValueError, match="'cosine'.*arccos, uniform, beta"):
         sample_mask_rate(4, distribution="cosine")
 
 
-@pytest.mark.parametrize("mask_rate, mean", [("arccos", 2 / math.pi), ("uniform", 0.5)])
+@pytest.mark.parametrize("mask_rate, mean", [("arccos", 2 / math.pi), ("uniform", 0.5), ("beta", 0.5)])
 def test_the_objective_masks_at_the_rates_of_its_mask_rate_knob(mask_rate, mean):
     """The stage's knob reaches the masks the model is trained on: the masked fraction of many grids has the
     distribution's mean (ceil(r n) of n = 64 tokens adds 1/128 on average); the two means are 0.14 apart."""
