@@ -3,9 +3,10 @@
 Training draws a mask rate r per sample, by default from p(r) = 2/pi (1 - r^2)^(-1/2) on [0, 1)
 ("arccos", Muse's): by inverse CDF, r = sin(pi u / 2) with u uniform, mean 2/pi = 0.64. "uniform"
 draws r ~ U(0, 1), mean 0.5: more of the training at the mid and low rates where a grid's last
-tokens (outlines, corners) are decided; "beta" draws r ~ Beta(2, 2) (the median of three uniforms),
-mean 0.5 with a third of uniform's mass near 0 and 1. Sampling unmasks along the cosine curve either way: after
-step t of T, a fraction cos(pi/2 (t+1)/T) of tokens is still masked.
+tokens (outlines, corners) are decided; "beta" draws r ~ Beta(2, 2) (the median of three
+uniforms), mean 0.5 with under a third of uniform's mass within 0.1 of 0 or 1. Sampling unmasks
+along the cosine curve in every case: after step t of T, a fraction cos(pi/2 (t+1)/T) of tokens
+is still masked.
 """
 
 from __future__ import annotations
