@@ -1,7 +1,7 @@
 """Training a masked transformer (base or super-res) on the `tokens` artifact with the shared loop.
 
-The objective masks a random fraction r of the target tokens per sample (r ~ arccos, or uniform
-with `mask_rate`), drops the text (hides it in the memory) for `text_drop_rate` of samples, and
+The objective masks a random fraction r of the target tokens per sample (r from `mask_rate`'s
+distribution, `muse.masking`), drops the text (hides it in the memory) for `text_drop_rate` of samples, and
 takes cross-entropy on the masked positions only (with `edge_weight`, a weighted mean in which
 outline tokens count more; with `code_smoothing`, against targets spread over nearby codes). It
 logs accuracy on masked tokens and the loss per mask-rate bucket (low / mid / high r), the

@@ -61,10 +61,12 @@ def test_uniform_and_beta_mask_rates_and_an_unknown_name_is_refused():
         sample_mask_rate(4, distribution="cosine")
 
 
-@pytest.mark.parametrize("mask_rate, mean", [("arccos", 2 / math.pi), ("uniform", 0.5), ("beta", 0.5)])
-def test_the_objective_masks_at_the_rates_of_its_mask_rate_knob(mask_rate, mean):
+@pytest.mark.parametrize("mask_rate, mean, std", [("arccos", 2 / math.pi, (0.5 - 4 / math.pi ** 2) ** 0.5),
+                                                   ("uniform", 0.5, 12 ** -0.5), ("beta", 0.5, 20 ** -0.5)])
+def test_the_objective_masks_at_the_rates_of_its_mask_rate_knob(mask_rate, mean, std):
     """The stage's knob reaches the masks the model is trained on: the masked fraction of many grids has the
-    distribution's mean (ceil(r n) of n = 64 tokens adds 1/128 on average); the two means are 0.14 apart."""
+    distribution's mean (ceil(r n) of n = 64 tokens adds 1/128 on average) and spread (uniform and beta share
+    a mean; their spreads are 0.065 apart)."""
     from muse.transformer_training import MaskedObjective
 
     model = MaskedTransformer(TransformerSpec(dim=16, depth=1, heads=2, codebook_size=16, side=8, text_dim=8))
@@ -77,6 +79,8 @@ def test_the_objective_masks_at_the_rates_of_its_mask_rate_knob(mask_rate, mean)
         objective.losses({"tokens_low": torch.randint(0, 16, (4000, 64)), "text_emb": torch.randn(4000, 3, 8)}, 0)
     fraction = float(seen[0].float().mean())
     assert fraction == pytest.approx(mean + 1 / 128, abs=0.015)
+    assert float(seen[0].float().mean(1).std()) == pytest.approx(std, abs=0.01)
+
 
 def test_mask_tokens_masks_ceil_r_n_positions():
     tokens = torch.arange(16).repeat(3, 1)
