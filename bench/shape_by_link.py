@@ -9,6 +9,8 @@ guidance; batches of 16, the seed of a batch 1000 * seed + its offset) and grade
 object with the demo's pixel checker at two links: the base's grid through the low-res decoder
 (upsampled to 128 px) and end to end. One `evaluate` report grades one sample of 128 captions, too
 few to tell a two-point change; the mean over seeds and the per-shape counts are what compare.
+For the shapes read wrong it also counts what the checker read them as (a bumpy square reads as
+a circle, a lumpy circle as a diamond).
 """
 
 from __future__ import annotations
@@ -21,12 +23,18 @@ import numpy as np
 from PIL import Image
 
 from muse.artifacts.store import ArtifactStore
-from muse.datasets.demo_check import grade
+from muse.datasets.demo_check import MIN_AREA, classify_shape, colour_mask, grade
 from muse.datasets.shards import read_samples
 from muse.generate import TextToImage, to_images
 
 BATCH = 16
 LINKS = ("base link", "end to end")
+
+
+def misread(image: Image.Image, obj: dict) -> str:
+    """What the checker reads the object's colour mask as."""
+    mask = colour_mask(np.asarray(image.convert("RGB")), obj["colour"])
+    return classify_shape(mask) if mask.mean() >= MIN_AREA else "absent"
 
 
 def main() -> None:
@@ -55,6 +63,7 @@ def main() -> None:
     colour = {link: [] for link in LINKS}
     position = {link: [] for link in LINKS}
     right = {link: Counter() for link in LINKS}  # shape right, by named shape, over all seeds
+    read_as = {link: Counter() for link in LINKS}  # (named, read) for the shapes read wrong, over all seeds
     named = Counter()
     for seed in range(args.seeds):
         counts = {link: Counter() for link in LINKS}
@@ -69,6 +78,8 @@ def main() -> None:
                     for obj, result in zip(objs, grade(image, objs)):
                         counts[link].update(objects=1, **{k: int(v) for k, v in result.items()})
                         right[link][obj["shape"]] += result["shape"]
+                        if result["colour"] and not result["shape"]:
+                            read_as[link][obj["shape"], misread(image, obj)] += 1
                         named[obj["shape"]] += link == "base link"
         for link in LINKS:
             n = counts[link]["objects"]
@@ -82,6 +93,8 @@ def main() -> None:
                              for s in sorted(named))
         print(f"{link}: shape {np.mean(shape[link]):.1f} (seeds {' '.join(f'{v:.1f}' for v in shape[link])}), "
               f"colour {np.mean(colour[link]):.1f}, position {np.mean(position[link]):.1f}; by shape: {by_shape}")
+        print(f"{link}: read wrong as: " + ", ".join(f"{asked} -> {read} {n}"
+                                                     for (asked, read), n in sorted(read_as[link].items())))
     print(f"{time.perf_counter() - start:.0f} s")
 
 
