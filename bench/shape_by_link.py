@@ -1,11 +1,13 @@
 """Shape, colour and position of a store's samples over several sampling seeds, by link and by named shape.
 
     python bench/shape_by_link.py STORE [--seeds 6] [--captions 196] [--base VERSION] [--superres VERSION]
+                                  [--base-sampler KNOB=VALUE ...] [--superres-sampler KNOB=VALUE ...]
 
 For the first `--captions` held-out captions of the store's shards (the demo, or a folder source
 whose json carries the demo's `objects`, e.g. `bench/shifted_demo.py`), samples the base and
 super-res as generation does (the trained transformers' own sampler settings, no mid-layer
-guidance; batches of 16, the seed of a batch 1000 * seed + its offset) and grades every named
+guidance, unless `--base-sampler` / `--superres-sampler` replace a `SamplerConfig` knob; batches of 16,
+the seed of a batch 1000 * seed + its offset) and grades every named
 object with the demo's pixel checker at two links: the base's grid through the low-res decoder
 (upsampled to 128 px) and end to end. One `evaluate` report grades one sample of 128 captions, too
 few to tell a two-point change; the mean over seeds and the per-shape counts are what compare.
@@ -23,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from muse.artifacts.store import ArtifactStore
+from muse.config import SamplerConfig
 from muse.datasets.demo_check import MIN_AREA, classify_shape, colour_mask, grade
 from muse.datasets.shards import read_samples
 from muse.generate import TextToImage, to_images
@@ -37,6 +40,18 @@ def misread(image: Image.Image, obj: dict) -> str:
     return classify_shape(mask) if mask.mean() >= MIN_AREA else "absent"
 
 
+def sampler_knobs(pairs: list[str]) -> dict:
+    """KNOB=VALUE pairs -> {knob: value}, numbers as numbers (pydantic checks the knobs)."""
+    knobs = {}
+    for pair in pairs:
+        knob, _, value = pair.partition("=")
+        try:
+            knobs[knob] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            knobs[knob] = value
+    return knobs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("store")
@@ -44,6 +59,9 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=196)
     parser.add_argument("--base", help="base version (default: the store's latest)")
     parser.add_argument("--superres", help="super-res version (default: the store's latest)")
+    parser.add_argument("--base-sampler", nargs="*", default=[],
+                        help="base sampler knobs, e.g. confidence_temperature=0.3")
+    parser.add_argument("--superres-sampler", nargs="*", default=[], help="super-res sampler knobs, e.g. steps=16")
     args = parser.parse_args()
     store = ArtifactStore(args.store)
     pins = {"guide": None, "prior": None}
@@ -53,9 +71,13 @@ def main() -> None:
         pins["superres"] = store.get("superres", args.superres)
     pipe = TextToImage.from_store(store, pins=pins)
     sampling = pipe.resolve_sampling(guide_scale=0.0)
+    passes = {name: SamplerConfig.model_validate(getattr(sampling, name).model_dump() | sampler_knobs(knobs))
+              for name, knobs in (("base", args.base_sampler), ("superres", args.superres_sampler))}
+    sampling = sampling.model_copy(update=passes)
     samples = [s for _, s in zip(range(args.captions), read_samples(store.get("shards").path, "val"))]
     objects = [s["info"]["source_info"]["objects"] for s in samples]
     print(f"{store.root}: base {pipe.lineage['base']}, super-res {pipe.lineage['superres']}; "
+          f"samplers {sampling.base.model_dump()} / {sampling.superres.model_dump()}; "
           f"{len(samples)} val captions, {sum(map(len, objects))} objects, {args.seeds} seeds")
 
     start = time.perf_counter()

@@ -38,9 +38,10 @@ PRODUCER: dict[str, str] = {kind: name for name, m in STAGES.items() for kind in
 TARGETS: tuple[str, ...] = (FULL_TRAIN, *STAGES)
 
 
-def upstream_stages(name: str) -> list[str]:
-    """Stages whose outputs `name` reads directly."""
-    return sorted({PRODUCER[kind] for kind in STAGES[name].INPUTS}, key=list(STAGES).index)
+def upstream_stages(name: str, config=None) -> list[str]:
+    """Stages whose outputs `name` reads directly: under `config` (`inputs_of`), else any it may read."""
+    kinds = STAGES[name].INPUTS if config is None else inputs_of(name, config)
+    return sorted({PRODUCER[kind] for kind in kinds}, key=list(STAGES).index)
 
 
 def stages_for(target: str, config) -> list[str]:

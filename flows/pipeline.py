@@ -3,11 +3,12 @@
 Each stage is a task that resolves its input artifacts, derives the version its
 outputs would have, and either reuses them ("up to date") or calls the stage's
 `run`. Tasks pass only `{kind: version}` references; data stays in the store.
-Stages with no path between them (train-base, train-superres, finetune-decoder)
-are submitted together and run concurrently, each holding its GPUs while it trains
-(`muse.placement`: never two on one device unless the config allows it). Before any stage runs, each stage's
-`preflight(config)` (where it has one) checks what can be known up front (extras,
-weights, scene maps) and says what it will do. A user's mistake (`UserError`) ends
+Stages with no path between them under the config (train-base, train-superres, and
+finetune-decoder unless it learns super-res's codes) are submitted together and run
+concurrently, each holding its GPUs while it trains (`muse.placement`: never two on one
+device unless the config allows it). Before any stage runs, each stage's `preflight(config)`
+(where it has one) checks what can be known up front (extras, weights, scene maps) and says
+what it will do. A user's mistake (`UserError`) ends
 the task and the run in a Failed state whose message is that one line, not a traceback.
 """
 
@@ -177,7 +178,7 @@ def muse(
         logger.info("ETA: after a first run of every stage in this store (timings: .work/%s)", TIMINGS_FILE)
     futures = {}
     for name in names:
-        upstream = [futures[u] for u in upstream_stages(name) if u in futures]
+        upstream = [futures[u] for u in upstream_stages(name, config) if u in futures]
         futures[name] = run_stage.submit(name, config, root, upstream, dict(inputs or {}), name in force)
     # result() re-raises the first failing stage's own exception, in DAG order.
     produced: dict[str, str] = {}
@@ -189,7 +190,7 @@ def muse(
             return Failed(message=str(e))
         finished[name] = now = time.perf_counter()
         if len(names) > 1:
-            eta = eta_seconds(names, upstream_stages, finished, estimates, clock, now)
+            eta = eta_seconds(names, lambda n: upstream_stages(n, config), finished, estimates, clock, now)
             logger.info("[%d/%d] %s finished, %.0f s into the run%s", k, len(names), name, now - clock,
                         "" if eta is None or k == len(names) else f"; ETA {eta:.0f} s")
     logger.info(summary(target, open_store(root), produced, started, time.perf_counter() - clock))

@@ -602,6 +602,11 @@ class FinetuneDecoderConfig(Section):
 
     extra_res_blocks: int = Field(1, ge=0, description="ResBlocks added per decoder level.")
     channel_mult: float = Field(1.5, ge=1.0, description="Decoder width relative to the original.")
+    superres_rows: int = Field(0, ge=0, description=(
+        "Train on super-res's own samples instead of the tokenizer's codes: for the first this many train rows of "
+        "`tokens`, super-res samples a grid from the image's true low-res grid and caption, and the decoder learns "
+        "that grid -> the image (`muse.superres_codes`), the codes it is given in generation; reads `superres`. "
+        "0 = the frozen tokenizer's codes of every train image."))
     loss: VQLossConfig = Field(default_factory=VQLossConfig, description="Reconstruction, LPIPS and GAN losses.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
     workers: WorkersConfig = Field(default_factory=WorkersConfig, description=(

@@ -5,7 +5,9 @@ width; it starts from the trained decoder where shapes allow. The encoder, quant
 codebook stay frozen (no optimizer sees them, and their weights are checked bit-identical
 at the end), so every image keeps its token ids and `tokens`, `base` and `superres` need
 no retraining. Losses: L1 (+ L2) + LPIPS (with VGG weights) + PatchGAN hinge from
-`disc_start`, on codes the frozen encoder computes on the fly from `shards` images.
+`disc_start`, on codes the frozen encoder computes on the fly from `shards` images, or, with
+`superres_rows`, on super-res's own samples for those images (`muse.superres_codes`): the codes
+the decoder is given in generation.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from muse.artifacts.store import PREVIEW_DIR, Artifact
-from muse.config import PipelineConfig, TrainConfig, VQLossConfig, data_parallel_versioned
+from muse.config import ConfigError, PipelineConfig, TrainConfig, VQLossConfig, data_parallel_versioned
+from muse.contracts import TransformerRecord
 from muse.datasets.decode import image_decoder
 from muse.datasets.shards import shard_files
 from muse.datasets.stream import batches, iter_tar, sample_stream
 from muse.distributed import fit, rank_world, worker_device
+from muse.lora import load_trained
 from muse.models.image_loss import ImageLoss, lpips_status, perceptual_loss, psnr
 from muse.models.vqgan import (
     LatentDecoder,
@@ -36,20 +40,28 @@ from muse.models.vqgan import (
     save_decoder,
 )
 from muse.stage import StageContext
+from muse.superres_codes import pair_batches, write_pairs
 from muse.training import TrainLoop, WorkerJob, seeded
 
 NAME = "finetune-decoder"
-INPUTS: tuple[str, ...] = ("shards", "vqgan-high")
+INPUTS: tuple[str, ...] = ("shards", "vqgan-high", "tokens", "superres")
 OUTPUTS: tuple[str, ...] = ("decoder",)
 CODE_VERSION = "1"
 
 log = logging.getLogger("muse.stages.finetune_decoder")
 
 
+def inputs_of(config: PipelineConfig) -> tuple[str, ...]:
+    """`tokens` and `superres` only when the decoder learns super-res's codes."""
+    return INPUTS if config.finetune_decoder.superres_rows else INPUTS[:2]
+
+
 def config_of(config: PipelineConfig) -> dict:
-    """The decoder's shape, losses and the training knobs that change its weights."""
+    """The decoder's shape, losses and the training knobs that change its weights (`superres_rows` when set, so
+    the versions made before it was a knob stand)."""
     c = config.finetune_decoder
-    return c.model_dump(mode="json", exclude={"train", "workers"}) | data_parallel_versioned(c.train, c.workers)
+    skip = {"train", "workers"} | (set() if c.superres_rows else {"superres_rows"})
+    return c.model_dump(mode="json", exclude=skip) | data_parallel_versioned(c.train, c.workers)
 
 
 def tokenizer_digest(model: VQModel) -> str:
@@ -73,9 +85,15 @@ class DecoderObjective:
         self.ema = ["decoder"]
         self.image_loss.register(self.modules, self.optimizers)
 
-    def losses(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    def losses(self, batch: torch.Tensor | dict, step: int) -> dict[str, torch.Tensor]:
+        """`batch`: images (their codes from the frozen encoder), or {"codes", "image"} pairs."""
         with torch.no_grad():
-            quantized, _, _ = self.tokenizer.encode(x)
+            if isinstance(batch, dict):
+                x, side = batch["image"], self.tokenizer.cfg.token_side
+                quantized = self.tokenizer.codes_to_latents(batch["codes"].view(-1, side, side))
+            else:
+                x = batch
+                quantized, _, _ = self.tokenizer.encode(x)
         recon = self.decoder(quantized)
         rec = self.image_loss.reconstruction(x, recon)
         adversarial, figures = self.image_loss.adversarial(x, recon, rec, self.decoder.last_layer, step)
@@ -121,6 +139,7 @@ class DecoderJob(WorkerJob):
     train_cfg: TrainConfig
     train_files: list[Path]
     work_dir: Path
+    pairs_path: Path | None = None  # super-res's codes and their images (`muse.superres_codes`); None = images only
 
     def build(self, tokenizer: VQModel) -> tuple[LatentDecoder, int]:
         """(the new decoder, started from the tokenizer's where shapes allow; tensors copied): the same on every
@@ -142,8 +161,13 @@ def fit_worker(job: DecoderJob) -> dict:
         module.to(device)
     loop = TrainLoop(job.train_cfg, objective, job.work_dir, "decoder", device, rank=rank)
     cfg, decode = job.train_cfg, image_decoder(tokenizer.cfg.resolution)
-    figures = loop.run(lambda position: batches(sample_stream(job.train_files, cfg.seed, position, cfg.shuffle_buffer,
-                                                              rank, world, cfg.data_streams), cfg.batch_size, decode))
+    if job.pairs_path is not None:
+        figures = loop.run(lambda position: pair_batches(job.pairs_path, cfg.batch_size, cfg.seed, position, rank,
+                                                         world))
+    else:
+        figures = loop.run(lambda position: batches(sample_stream(job.train_files, cfg.seed, position,
+                                                                  cfg.shuffle_buffer, rank, world, cfg.data_streams),
+                                                    cfg.batch_size, decode))
     if tokenizer_digest(tokenizer) != before:
         raise RuntimeError("finetune-decoder changed the frozen encoder/codebook: token ids would no longer match")
     loop.save_trained("decoder")
@@ -161,6 +185,16 @@ def run(ctx: StageContext) -> Artifact:
     val_files = shard_files(shards.path, "val") or train_files
     job = DecoderJob(high.path, c.extra_res_blocks, c.channel_mult, c.loss, c.train, train_files,
                      ctx.work_dir("decoder"))
+    if c.superres_rows:
+        made_for = TransformerRecord.of(ctx.inputs["superres"].path).tokenizers["tokens_high"]
+        if made_for != high.ref:
+            raise ConfigError(f"finetune_decoder.superres_rows: {ctx.inputs['superres'].ref} samples codes of "
+                              f"{made_for}, not of this decoder's tokenizer {high.ref}")
+        superres = load_trained(ctx.store, ctx.inputs["superres"]).to(device)
+        job.pairs_path = job.work_dir / "superres-codes.npz"
+        write_pairs(superres, ctx.inputs["superres"].path, ctx.inputs["tokens"].path, train_files,
+                    image_decoder(tokenizer.cfg.resolution), c.superres_rows, c.train.seed, job.pairs_path, device)
+        del superres
     trained, copied = job.build(tokenizer)
     log.info("finetune-decoder: %.2fM -> %.2fM decoder parameters, %d tensors initialised from vqgan-high",
              sum(p.numel() for n, p in tokenizer.named_parameters() if n.startswith(("decoder.", "post_quant")))

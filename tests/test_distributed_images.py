@@ -102,8 +102,8 @@ def test_train_vqgan_and_finetune_decoder_on_two_ray_train_workers(pipeline_stor
     cfg = cfg.model_copy(update={
         "train_vqgan": c.model_copy(update={"workers": two, "train": c.train.model_copy(update={"steps": 2}),
                                             "overrides": {}}),
-        "finetune_decoder": cfg.finetune_decoder.model_copy(update={
-            "workers": two, "train": cfg.finetune_decoder.train.model_copy(update={"steps": 2})})})
+        "finetune_decoder": cfg.finetune_decoder.model_copy(update={  # the tokenizer's codes: no super-res here
+            "superres_rows": 0, "workers": two, "train": cfg.finetune_decoder.train.model_copy(update={"steps": 2})})})
     out = {a.kind: a for a in execute(train_vqgan, cfg, {k: arts[k] for k in ("shards", "segments")}, store)}
     for kind in ("vqgan-low", "vqgan-high", "vqseg"):
         assert out[kind].manifest.metrics["workers"] == 2 and out[kind].manifest.metrics["steps"] == 2, kind

@@ -184,3 +184,15 @@ def test_the_run_eta_follows_the_dag_and_the_last_timings(tmp_path):
     assert read_timings(work) == {"shard": 4.3, "segment": 9.0}
     (work / "stage-seconds.json").write_text("not json")
     assert read_timings(work) == {}  # a broken file costs the estimate, never the run
+
+
+def test_finetune_decoder_waits_for_superres_only_when_it_learns_its_codes():
+    from muse.config import load_config
+    from muse.flows.dag import upstream_stages
+
+    learns = load_config("tiny")
+    assert learns.finetune_decoder.superres_rows > 0
+    assert "train-superres" in upstream_stages("finetune-decoder", learns)
+    alone = load_config("tiny", overrides=["finetune_decoder.superres_rows=0"])
+    assert upstream_stages("finetune-decoder", alone) == ["shard", "train-vqgan"]  # beside base and super-res
+    assert "train-superres" in upstream_stages("finetune-decoder")  # the DAG's edges: any input it may read

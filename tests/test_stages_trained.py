@@ -170,7 +170,7 @@ def test_new_decoder_beats_the_old_one_on_val_after_a_short_run(pipeline_store, 
     cfg = cfg.model_copy(update={
         "demo": cfg.demo.model_copy(update={"num_samples": 96}),
         "train_vqgan": cfg.train_vqgan.model_copy(update={"overrides": {"high": TrainOverride(steps=100, batch_size=8)}}),
-        "finetune_decoder": cfg.finetune_decoder.model_copy(update={
+        "finetune_decoder": cfg.finetune_decoder.model_copy(update={"superres_rows": 0,  # the tokenizer's codes
             "train": cfg.finetune_decoder.train.model_copy(update={"steps": 60, "batch_size": 4, "lr": 3e-4})})})
     upstream = ArtifactStore(tmp_path / "upstream")
     shards = execute(shard, cfg, {}, upstream)
@@ -181,6 +181,49 @@ def test_new_decoder_beats_the_old_one_on_val_after_a_short_run(pipeline_store, 
     m = out.manifest.metrics
     assert m["new_psnr"] > m["old_psnr"] + 0.2, m  # deterministic on CPU: 16.65 -> 17.09 dB here
     assert store.kinds() == ["decoder"]  # nothing else was written  # nothing else was written
+
+
+def test_a_decoder_learns_superres_codes_when_asked_and_its_pairs_repeat(trained_store, tmp_path):
+    """`finetune_decoder.superres_rows`: super-res and tokens join the decoder's inputs and version, and it trains
+    on other codes than the tokenizer's: super-res's samples for the train images, which repeat exactly for a seed
+    (a resumed run trains on the same pairs). What it buys end to end is measured in bench/ (a 4-step super-res's
+    codes carry too little to show it here)."""
+    from muse.artifacts.store import ArtifactStore
+    from muse.datasets.decode import image_decoder
+    from muse.datasets.shards import shard_files
+    from muse.lora import load_trained
+    from muse.stages import finetune_decoder
+    from muse.superres_codes import write_pairs
+
+    cfg, _, arts = trained_store
+    store = ArtifactStore(tmp_path / "store")
+
+    def run(rows: int):
+        section = cfg.finetune_decoder.model_copy(update={"superres_rows": rows})
+        config = cfg.model_copy(update={"finetune_decoder": section})  # given the inputs it reads, as the flow does
+        return execute(finetune_decoder, config, {k: arts[k] for k in finetune_decoder.inputs_of(config)}, store)
+
+    learnt, control = run(64), run(0)
+    assert learnt.manifest.inputs["superres"] == arts["superres"].version
+    assert learnt.manifest.inputs["tokens"] == arts["tokens"].version and "superres" not in control.manifest.inputs
+    assert learnt.version != control.version
+    weights = [load_decoder(a.path).state_dict() for a in (learnt, control)]
+    assert not all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())  # trained on other codes
+    tokenizer = from_pretrained(arts["vqgan-high"].path)
+    superres = load_trained(store, arts["superres"])
+    pairs = [tmp_path / f"pairs{i}.npz" for i in range(2)]
+    for path in pairs:
+        count = write_pairs(superres, arts["superres"].path, arts["tokens"].path,
+                            shard_files(arts["shards"].path, "train"), image_decoder(tokenizer.cfg.resolution), 64,
+                            cfg.finetune_decoder.train.seed, path, torch.device("cpu"))
+    first, again = np.load(pairs[0]), np.load(pairs[1])
+    assert count == len(first["codes"]) == len(first["images"]) > 8  # every train row of the small store
+    assert np.array_equal(first["codes"], again["codes"]) and np.array_equal(first["images"], again["images"])
+    images = torch.from_numpy(first["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        own = tokenizer.encode(images)[1].flatten(1).numpy()  # the tokenizer's codes of the same images
+    assert first["codes"].shape == own.shape and first["codes"].max() < tokenizer.cfg.codebook_size
+    assert not np.array_equal(first["codes"], own)  # super-res's samples, not the tokenizer's reconstructions
 
 
 def test_the_text_encoder_that_made_the_tokens_is_the_one_recorded(pipeline_store, tmp_path):

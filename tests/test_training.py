@@ -274,3 +274,26 @@ def test_progress_goes_to_the_reporter_of_its_context_and_never_stops_the_work(t
         report("base", 2, 2, 0.0)
     report("base", 3, 2)
     assert seen == [("base", 1, 2, 5.0), ("base", 2, 2, 0.0)]
+
+
+def test_superres_code_pairs_resume_exactly_and_split_between_ranks(tmp_path):
+    """`pair_batches` from a data position continues the stream from 0 sample for sample (across epochs), and
+    two ranks read disjoint halves of the pairs."""
+    import itertools
+
+    import numpy as np
+
+    from muse.superres_codes import pair_batches
+
+    path = tmp_path / "pairs.npz"
+    np.savez(path, codes=np.arange(10)[:, None].repeat(4, 1), images=np.zeros((10, 2, 2, 3), np.uint8))
+
+    def ids(position, rank=0, world=1, n=7):
+        return [int(c) for b in itertools.islice(pair_batches(path, 3, 5, position, rank, world), n)
+                for c in b["codes"][:, 0]]
+
+    whole = ids(0)
+    assert sorted(whole[:10]) == list(range(10)) and whole[:10] != whole[10:20]  # one permutation per epoch
+    assert ids(9, n=4) == whole[9:21]  # resumed after 9 samples: the same samples in the same order
+    halves = [set(ids(0, rank, 2)) for rank in (0, 1)]
+    assert halves == [{0, 2, 4, 6, 8}, {1, 3, 5, 7, 9}]
