@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from muse.config import SamplerConfig
+from muse.config import SamplerConfig, SamplingConfig
 from muse.contracts import TokensSchema, TransformerRecord
 from muse.datasets.stream import iter_tar
 from muse.datasets.tokens import TokenTable, collate
@@ -49,7 +49,7 @@ def write_pairs(superres: MaskedTransformer, superres_path: Path, tokens_path: P
     """Samples super-res's codes for the first `rows` train rows of `tokens_path` and writes them with their
     images (uint8, from `train_files`) to `out` (.npz: codes [R, n], images [R, H, W, 3]); returns R."""
     record = TransformerRecord.of(superres_path)
-    sampler = record.sampling or SamplerConfig()
+    sampler = record.sampling or SamplingConfig().superres  # as generation samples it
     schema = TokensSchema.of(tokens_path)
     text = CaptionMemory(schema.text.encoder if schema.text else record.text_encoder, schema.text is not None, device)
     columns = ["key", "caption", "tokens_low", *(["text_emb", "text_len"] if schema.text else []),
