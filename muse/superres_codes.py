@@ -25,6 +25,7 @@ from muse.datasets.tokens import TokenTable, collate
 from muse.micro_conditions import of_batch as micro_of
 from muse.models.transformer import MaskedTransformer
 from muse.sampling import decode
+from muse.training import to_device
 from muse.transformer_training import CaptionMemory
 
 log = logging.getLogger("muse.superres_codes")
@@ -61,7 +62,7 @@ def write_pairs(superres: MaskedTransformer, superres_path: Path, tokens_path: P
     for start in tqdm(range(0, count, BATCH), desc="super-res codes", unit="batch", disable=None):  # a terminal only
         batch = collate([table[i] for i in range(start, min(start + BATCH, count))])
         keys += batch["key"]
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         codes.append(sample_codes(superres, sampler, batch, text, generator).cpu())
     wanted = {k: i for i, k in enumerate(keys)}
     images: list[np.ndarray | None] = [None] * count

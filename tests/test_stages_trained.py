@@ -224,6 +224,9 @@ def test_a_decoder_learns_superres_codes_when_asked_and_its_pairs_repeat(trained
         own = tokenizer.encode(images)[1].flatten(1).numpy()  # the tokenizer's codes of the same images
     assert first["codes"].shape == own.shape and first["codes"].max() < tokenizer.cfg.codebook_size
     assert not np.array_equal(first["codes"], own)  # super-res's samples, not the tokenizer's reconstructions
+    with pytest.raises(ValueError, match=r"train row key '.*' has no image in the shards' train tars"):
+        write_pairs(superres, arts["superres"].path, arts["tokens"].path, [], image_decoder(tokenizer.cfg.resolution),
+                    4, 0, tmp_path / "none.npz", torch.device("cpu"))
 
 
 def test_the_text_encoder_that_made_the_tokens_is_the_one_recorded(pipeline_store, tmp_path):
