@@ -106,21 +106,22 @@ def test_a_random_weight_clip_score_is_the_same_for_the_same_images(trained_stor
 
 
 def test_same_seed_same_image_and_the_finetuned_decoder_is_used(trained_store):
-    _, store, arts = trained_store
+    cfg, store, arts = trained_store
     pipe = TextToImage.from_store(store)
     assert pipe.decoder is not None and pipe.lineage["decoder"] == arts["decoder"].version
     a = pipe.generate_tokens(["a red circle on the left"], steps=4, superres_steps=2, seed=5)
     b = pipe.generate_tokens(["a red circle on the left"], steps=4, superres_steps=2, seed=5)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # its own super-res guidance: the base tokens stay, the super-res pass samples under 0.5
+    # its own super-res guidance: the base tokens stay, the super-res pass samples under 2
     scales = []
     original_decode = sampling.decode
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(generate, "decode", lambda model, *args, **kw: scales.append(args[4].guidance_scale)
                    or original_decode(model, *args, **kw))
         c = pipe.generate_tokens(["a red circle on the left"], steps=4, superres_steps=2, seed=5,
-                                 superres_guidance_scale=0.5)
-    assert torch.equal(c["tokens_low"], a["tokens_low"]) and scales == [1.0, 0.5]  # the base: the preset's 1.0
+                                 superres_guidance_scale=2.0)
+    assert torch.equal(c["tokens_low"], a["tokens_low"])
+    assert scales == [cfg.sampling.base.guidance_scale, 2.0] and cfg.sampling.superres.guidance_scale != 2.0
     images = pipe(["a red circle on the left"], steps=4, superres_steps=2)
     assert images[0].size == (32, 32)
 
@@ -227,6 +228,36 @@ def test_a_decoder_learns_superres_codes_when_asked_and_its_pairs_repeat(trained
     with pytest.raises(ValueError, match=r"train row key '.*' has no image in the shards' train tars"):
         write_pairs(superres, arts["superres"].path, arts["tokens"].path, [], image_decoder(tokenizer.cfg.resolution),
                     4, 0, tmp_path / "none.npz", torch.device("cpu"))
+
+
+def test_superres_codes_are_guided_only_when_the_sampler_asks(trained_store):
+    """`sample_codes` at guidance 0 runs the conditional branch alone (decode given no unconditional memory), and a
+    positive scale changes the codes (the control: the unconditional branch is really used when asked)."""
+    from muse.contracts import TokensSchema
+    from muse.datasets.tokens import TokenTable, collate
+    from muse.lora import load_trained
+    from muse.superres_codes import sample_codes
+    from muse.transformer_training import CaptionMemory
+
+    cfg, store, arts = trained_store
+    superres = load_trained(store, arts["superres"])
+    schema = TokensSchema.of(arts["tokens"].path)
+    table = TokenTable(arts["tokens"].path, "train", ["caption", "tokens_low", "text_emb", "text_len"])
+    batch = collate([table[i] for i in range(8)])
+    text = CaptionMemory(schema.text.encoder, True, torch.device("cpu"))
+
+    def sampler(scale: float):  # a constant scale from the first step: a few-step model reads the text weakly
+        return cfg.sampling.superres.model_copy(update={"guidance_scale": scale, "guidance_schedule": "constant",
+                                                        "steps": 8})
+
+    def codes(scale: float) -> torch.Tensor:
+        return sample_codes(superres, sampler(scale), batch, text, torch.Generator().manual_seed(0))
+
+    emb, mask = text(batch)
+    memory, memory_mask = superres.memory(emb, mask, batch["tokens_low"], None, None)
+    alone = sampling.decode(superres, memory, memory_mask, None, None, sampler(0.0), torch.Generator().manual_seed(0))
+    assert torch.equal(codes(0.0), alone)
+    assert not torch.equal(codes(20.0), alone)
 
 
 def test_the_text_encoder_that_made_the_tokens_is_the_one_recorded(pipeline_store, tmp_path):
