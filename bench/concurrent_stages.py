@@ -18,6 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from timing import seconds_per_call
+
 from muse.models.transformer import MaskedTransformer, TransformerSpec
 from muse.transformer_training import MaskedLM
 
@@ -51,11 +53,7 @@ def seconds_a_step(step, steps: int, threads: int | None = None) -> float:
     """Mean seconds a step after one warm-up step; `threads` sets this thread's torch threads first."""
     if threads is not None:
         torch.set_num_threads(threads)
-    step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t) / steps
+    return seconds_per_call(step, steps, torch.device("cpu"))
 
 
 def side_by_side(steps_fns, steps: int, threads: int | None) -> float:

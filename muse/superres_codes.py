@@ -41,8 +41,6 @@ def sample_codes(model: MaskedTransformer, sampler: SamplerConfig, batch: dict, 
     emb, mask = text(batch)
     micro = micro_of(model, batch)
     memory, memory_mask = model.memory(emb, mask, batch["tokens_low"], None, micro)
-    if sampler.guidance_scale == 0:  # unguided: decode runs the conditional branch only
-        return decode(model, memory, memory_mask, None, None, sampler, generator)
     uncond, uncond_mask = model.memory(emb, torch.zeros_like(mask), batch["tokens_low"], None, micro)
     return decode(model, memory, memory_mask, uncond, uncond_mask, sampler, generator)
 

@@ -231,8 +231,8 @@ def test_a_decoder_learns_superres_codes_when_asked_and_its_pairs_repeat(trained
 
 
 def test_superres_codes_are_guided_only_when_the_sampler_asks(trained_store):
-    """`sample_codes` at guidance 0 runs the conditional branch alone (decode given no unconditional memory), and a
-    positive scale changes the codes (the control: the unconditional branch is really used when asked)."""
+    """`sample_codes` at guidance 0 (the tiny preset's super-res pass) draws what the conditional branch alone draws,
+    and a positive scale changes the codes (the control: the unconditional branch is really used when asked)."""
     from muse.contracts import TokensSchema
     from muse.datasets.tokens import TokenTable, collate
     from muse.lora import load_trained
